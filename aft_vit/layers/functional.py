@@ -1,0 +1,270 @@
+"""AFT operators in functional form (Zhai et al., 2021, arXiv:2105.14103).
+
+Every operator computes, for each token ``t`` and channel ``c``::
+
+    Y[t, c] = sigmoid(Q[t, c]) * sum_t' exp(K[t', c] + w[t, t']) V[t', c]
+                               / sum_t' exp(K[t', c] + w[t, t'])
+
+with a different position bias ``w`` (full, local, none, or a 2-D convolution
+kernel). Nothing here builds a ``B x T x T x C`` tensor: the exponentials are
+factorized as ``exp(K) * exp(w)`` and reduced by a matrix product or a
+convolution.
+
+Numerical stability: ``exp`` overflows float32 past 88, so the maximum of ``K``
+over tokens (per batch and channel) and of each row of ``w`` is subtracted
+before exponentiating. Both constants cancel between numerator and denominator.
+Precision limit (inherent to the factorization): when, within one row, the
+dominant ``K + w`` term sits more than ~87 (float32) or ~700 (float64) below the
+sum of the two maxima, its factors underflow. The result then stays finite but
+loses accuracy. Typical activations are nowhere near that; float64 inputs give
+exact results for any magnitude a float32 model can produce.
+
+All functions are plain tensor code: they run under autocast, on the meta
+device, in TorchScript and ``torch.compile``; timm's FX tracer treats them as
+leaf calls (their argument checks branch on shapes).
+"""
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from timm.layers import register_notrace_function
+
+__all__ = ['aft_full', 'aft_simple', 'aft_local', 'aft_conv2d', 'local_window_mask', 'local_window_mask_2d']
+
+
+def _check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 3:
+        raise ValueError(f'{name}: q must be (B, T, C), got {q.dim()} dims with shape {q.shape}')
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f'{name}: q, k and v must have the same (B, T, C) shape, got q {q.shape}, k {k.shape}, v {v.shape}')
+
+
+def _check_pos_bias(name: str, q: torch.Tensor, pos_bias: torch.Tensor) -> None:
+    num_tokens = q.shape[1]
+    if pos_bias.dim() != 2 or pos_bias.shape[0] != num_tokens or pos_bias.shape[1] != num_tokens:
+        raise ValueError(
+            f'{name}: pos_bias must be (T, T) = ({num_tokens}, {num_tokens}) for T={num_tokens} tokens, '
+            f'got {pos_bias.shape}')
+
+
+def _causal_mask(num_tokens: int, device: torch.device) -> torch.Tensor:
+    """True where key t' may be seen from query t, i.e. t' <= t."""
+    idx = torch.arange(num_tokens, device=device)
+    return idx.unsqueeze(1) >= idx.unsqueeze(0)
+
+
+def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num / den where a fully underflowed den (only for pathological inputs) gives 0 instead of NaN."""
+    return num / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def _bias_weighted_mean(k: torch.Tensor, v: torch.Tensor, pos_bias: torch.Tensor) -> torch.Tensor:
+    """sum_t' exp(k + w) v / sum_t' exp(k + w) for (B, T, C) k, v and a (T, T) bias (may hold -inf).
+
+    Numerator and denominator share one (T, T) @ (B, T, 2C) product.
+    """
+    k_max = k.detach().amax(dim=1, keepdim=True)
+    w_max = pos_bias.detach().amax(dim=1, keepdim=True)
+    exp_k = torch.exp(k - k_max)
+    exp_w = torch.exp(pos_bias - w_max)
+    channels = k.shape[-1]
+    both = torch.matmul(exp_w, torch.cat([exp_k * v, exp_k], dim=-1))
+    return _safe_divide(both[..., :channels], both[..., channels:])
+
+
+@register_notrace_function
+def aft_full(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos_bias: torch.Tensor,
+        causal: bool = False,
+) -> torch.Tensor:
+    """AFT-full (paper eq. 2): one learned scalar bias ``pos_bias[t, t']`` per token pair.
+
+    Args:
+        q, k, v: (B, T, C) queries, keys, values.
+        pos_bias: (T, T) bias, row t = query, column t' = key.
+        causal: sum over t' <= t only (autoregressive AFT).
+
+    Returns:
+        (B, T, C). Cost O(T^2 C) in one matrix product; memory O(T^2 + B T C).
+    """
+    _check_qkv('aft_full', q, k, v)
+    _check_pos_bias('aft_full', q, pos_bias)
+    if causal:
+        pos_bias = pos_bias.masked_fill(~_causal_mask(q.shape[1], q.device), float('-inf'))
+    return torch.sigmoid(q) * _bias_weighted_mean(k, v, pos_bias)
+
+
+@register_notrace_function
+def aft_simple(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool = False,
+) -> torch.Tensor:
+    """AFT-simple (paper eq. 5): ``sigmoid(Q) * sum_t' softmax_T(K)[t'] * V[t']``, no position bias.
+
+    O(T C) time and memory; no (T, T) tensor is built. The causal form uses a
+    running log-sum-exp, so keys of any magnitude are exact: with ``V`` shifted
+    to be >= 1 per channel (the weights sum to 1, so the shift comes back out
+    exactly) the numerator is a log-cumulative-sum-exp as well.
+    """
+    _check_qkv('aft_simple', q, k, v)
+    if not causal:
+        weights = torch.softmax(k, dim=1)
+        return torch.sigmoid(q) * (weights * v).sum(dim=1, keepdim=True)
+    shift = v.detach().amin(dim=1, keepdim=True) - 1.0
+    log_den = torch.logcumsumexp(k, dim=1)
+    log_num = torch.logcumsumexp(k + torch.log(v - shift), dim=1)
+    return torch.sigmoid(q) * (torch.exp(log_num - log_den) + shift)
+
+
+def local_window_mask(num_tokens: int, window: int, device: torch.device) -> torch.Tensor:
+    """(T, T) bool, True where abs(t - t') < window (the 1-D AFT-local window)."""
+    idx = torch.arange(num_tokens, device=device)
+    return (idx.unsqueeze(1) - idx.unsqueeze(0)).abs() < window
+
+
+def local_window_mask_2d(
+        grid_size: List[int],
+        window: int,
+        num_prefix_tokens: int,
+        device: torch.device,
+) -> torch.Tensor:
+    """(T, T) bool window over a 2-D patch grid, T = prefix tokens + H * W.
+
+    Patch (y, x) sees patch (y', x') inside the window when ``|y - y'| <= window // 2``
+    and ``|x - x'| <= window // 2`` (a centred window x window square, as AFT-conv's
+    kernel). Prefix (class) tokens are inside every window, both as query and as key:
+    they have no position on the grid, so their learned bias always applies.
+    """
+    height, width = grid_size[0], grid_size[1]
+    ys = torch.arange(height, device=device).repeat_interleave(width)
+    xs = torch.arange(width, device=device).repeat(height)
+    radius = window // 2
+    inside = ((ys.unsqueeze(1) - ys.unsqueeze(0)).abs() <= radius) & ((xs.unsqueeze(1) - xs.unsqueeze(0)).abs() <= radius)
+    if num_prefix_tokens > 0:
+        inside = F.pad(inside, (num_prefix_tokens, 0, num_prefix_tokens, 0), value=True)
+    return inside
+
+
+@register_notrace_function
+def aft_local(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pos_bias: torch.Tensor,
+        window: int,
+        causal: bool = False,
+) -> torch.Tensor:
+    """AFT-local (paper eq. 4): ``pos_bias`` kept where ``abs(t - t') < window`` and 0 (not -inf) outside.
+
+    Every token still sees every other; outside the window the weight is plain
+    ``exp(K)``. For a 2-D patch grid, mask the bias with :func:`local_window_mask_2d`
+    and call :func:`aft_full`, as the AFT-local models do.
+    """
+    _check_qkv('aft_local', q, k, v)
+    _check_pos_bias('aft_local', q, pos_bias)
+    if window < 1:
+        raise ValueError(f'aft_local: window must be a positive int, got {window}')
+    inside = local_window_mask(q.shape[1], window, q.device)
+    return aft_full(q, k, v, pos_bias * inside.to(pos_bias.dtype), causal=causal)
+
+
+def _sum_outside_window(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """For (B, G, H, W) x: at each (y, x), the sum over positions outside the centred (2r+1)^2 window.
+
+    Built only from sums of the terms themselves (prefix and suffix sums of rows, then
+    of the band of rows the window spans), never as "total minus window": that
+    subtraction cancels catastrophically when the window holds the dominant keys.
+    """
+    height, width = x.shape[-2], x.shape[-1]
+    rows = x.sum(dim=-1)  # (B, G, H)
+    above = _exclusive_prefix(rows, height, radius, before=True)
+    below = _exclusive_prefix(rows, height, radius, before=False)
+    band = F.avg_pool2d(
+        x, kernel_size=(2 * radius + 1, 1), stride=1, padding=(radius, 0), divisor_override=1)  # rows y-r..y+r
+    left = _exclusive_prefix(band, width, radius, before=True)
+    right = _exclusive_prefix(band, width, radius, before=False)
+    return (above + below).unsqueeze(-1) + left + right
+
+
+def _exclusive_prefix(x: torch.Tensor, size: int, radius: int, before: bool) -> torch.Tensor:
+    """Along the last dim (length ``size``): sum over i' < i - r (before) or i' > i + r (after)."""
+    zero = torch.zeros_like(x.narrow(-1, 0, 1))
+    idx = torch.arange(size, device=x.device)
+    if before:
+        sums = torch.cat([zero, x.cumsum(dim=-1)], dim=-1)  # sums[i] = x[:i].sum()
+        idx = (idx - radius).clamp(0, size)
+    else:
+        sums = torch.cat([x.flip(-1).cumsum(dim=-1).flip(-1), zero], dim=-1)  # sums[i] = x[i:].sum()
+        idx = (idx + radius + 1).clamp(0, size)
+    return sums.index_select(-1, idx)
+
+
+@register_notrace_function
+def aft_conv2d(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        weight: torch.Tensor,
+) -> torch.Tensor:
+    """AFT-conv (paper eq. 6) over a 2-D grid: a per-head s x s bias applied as a depthwise convolution.
+
+    Args:
+        q, v: (B, H, W, C). Head i owns channels [i*C/h, (i+1)*C/h).
+        k: (B, H, W, h), one key channel per head.
+        weight: (h, s, s), s odd. For query (y, x) and key (y', x') the bias is
+            ``weight[i, y'-y + s//2, x'-x + s//2]`` inside the window (F.conv2d's
+            cross-correlation convention) and 0 outside.
+
+    Returns:
+        (B, H, W, C), equal to AFT-full with that bias. Cost O(T s^2 C).
+
+    The paper writes the sums as a convolution with ``exp(w) - 1`` plus the global
+    sum. Here the window part is a convolution with ``exp(w - c)`` and the rest is
+    the sum over keys outside the window times ``exp(-c)``, computed from prefix
+    sums (:func:`_sum_outside_window`): the same O(T s^2) work, but no difference of
+    large sums, so keys and biases of any magnitude stay exact. ``c = max(0, max(w))``
+    per head keeps ``exp`` finite; like K's maximum, it cancels. Numerator and
+    denominator run as one grouped convolution over h * (C/h + 1) channels.
+    """
+    if q.dim() != 4 or v.shape != q.shape:
+        raise ValueError(f'aft_conv2d: q and v must both be (B, H, W, C), got q {q.shape}, v {v.shape}')
+    batch, height, width, channels = q.shape
+    if k.dim() != 4 or k.shape[0] != batch or k.shape[1] != height or k.shape[2] != width:
+        raise ValueError(f'aft_conv2d: k must be (B, H, W, h) = ({batch}, {height}, {width}, h), got {k.shape}')
+    num_heads = k.shape[3]
+    if weight.dim() != 3 or weight.shape[0] != num_heads or weight.shape[1] != weight.shape[2]:
+        raise ValueError(f'aft_conv2d: weight must be (h, s, s) with h={num_heads} heads, got {weight.shape}')
+    kernel_size = weight.shape[-1]
+    if kernel_size % 2 != 1:
+        raise ValueError(f'aft_conv2d: kernel size must be odd so the window is centred, got s={kernel_size}')
+    if channels % num_heads != 0:
+        raise ValueError(
+            f'aft_conv2d: channels C={channels} must be divisible by the number of heads h={num_heads}')
+    head_dim = channels // num_heads
+    group = head_dim + 1
+
+    shift = weight.detach().amax(dim=[1, 2]).clamp_min(0.)  # (h,)
+    window_kernel = torch.exp(weight - shift[:, None, None])  # (h, s, s), in (0, 1]
+    outside_weight = torch.exp(-shift)  # (h,)
+
+    exp_k = torch.exp(k - k.detach().amax(dim=[1, 2], keepdim=True))  # (B, H, W, h)
+    exp_k_v = exp_k.unsqueeze(-1) * v.reshape(batch, height, width, num_heads, head_dim)
+    # (B, h * (d + 1), H, W): per head, d numerator channels then one denominator channel
+    stacked = torch.cat([exp_k_v, exp_k.unsqueeze(-1)], dim=-1)
+    stacked = stacked.permute(0, 3, 4, 1, 2).reshape(batch, num_heads * group, height, width)
+
+    conv_kernel = window_kernel.unsqueeze(1).expand(num_heads, group, kernel_size, kernel_size)
+    conv_kernel = conv_kernel.reshape(num_heads * group, 1, kernel_size, kernel_size).to(stacked.dtype)
+    inside = F.conv2d(stacked, conv_kernel, padding=kernel_size // 2, groups=num_heads * group)
+    outside = _sum_outside_window(stacked, kernel_size // 2)
+    outside = outside * outside_weight.repeat_interleave(group)[:, None, None].to(outside.dtype)
+
+    total = (inside + outside).reshape(batch, num_heads, group, height, width).permute(0, 3, 4, 1, 2)
+    out = _safe_divide(total[..., :head_dim], total[..., head_dim:])
+    return torch.sigmoid(q) * out.reshape(batch, height, width, channels)
