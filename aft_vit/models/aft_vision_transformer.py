@@ -255,7 +255,7 @@ class AftVisionTransformer(nn.Module):
         mixer_layer = partial(mixer_layer, proj_bias=proj_bias)
 
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.Sequential(*[
+        self.blocks = nn.ModuleList([
             AftBlock(
                 dim=embed_dim,
                 mixer_layer=mixer_layer,
@@ -375,11 +375,6 @@ class AftVisionTransformer(nn.Module):
             x = x + pos_embed
         return self.pos_drop(x), feat_size
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(blk, x, feat_size)
-        return blk(x, feat_size)
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -412,7 +407,10 @@ class AftVisionTransformer(nn.Module):
         else:
             blocks = self.blocks[:max_index + 1]
         for i, blk in enumerate(blocks):
-            x = self._run_block(blk, x, feat_size)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, feat_size)
+            else:
+                x = blk(x, feat_size)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm else x)
 
@@ -448,7 +446,10 @@ class AftVisionTransformer(nn.Module):
         """(B, C, H, W) images to normalized (B, N, C) tokens (class token first where there is one)."""
         x, feat_size = self._embed(x)
         for blk in self.blocks:
-            x = self._run_block(blk, x, feat_size)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, feat_size)
+            else:
+                x = blk(x, feat_size)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor, pool_type: Optional[str] = None) -> torch.Tensor:
