@@ -101,7 +101,11 @@ class AftFull(nn.Module):
         u, v = self.pos_bias_u, self.pos_bias_v
         if feat_size[0] != self.grid_size[0] or feat_size[1] != self.grid_size[1]:
             u, v = self._resampled(u, feat_size), self._resampled(v, feat_size)
-        return u @ v.t()
+        return self._restrict(u @ v.t(), feat_size)
+
+    def _restrict(self, bias: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        """Where the bias applies: everywhere for AFT-full (AFT-local overrides)."""
+        return bias
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -135,8 +139,7 @@ class AftLocal(AftFull):
             proj_bias=proj_bias, proj_drop=proj_drop, device=device, dtype=dtype)
         self.window = window
 
-    def position_bias(self, feat_size: Tuple[int, int]) -> torch.Tensor:
-        bias = super().position_bias(feat_size)
+    def _restrict(self, bias: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         inside = local_window_mask_2d([feat_size[0], feat_size[1]], self.window, self.num_prefix_tokens, bias.device)
         return bias * inside.to(bias.dtype)
 
