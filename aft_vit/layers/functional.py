@@ -12,12 +12,14 @@ convolution.
 
 Numerical stability: ``exp`` overflows float32 past 88, so the maximum of ``K``
 over tokens (per batch and channel) and of each row of ``w`` is subtracted
-before exponentiating. Both constants cancel between numerator and denominator.
-Precision limit (inherent to the factorization): when, within one row, the
-dominant ``K + w`` term sits more than ~87 (float32) or ~700 (float64) below the
-sum of the two maxima, its factors underflow. The result then stays finite but
-loses accuracy. Typical activations are nowhere near that; float64 inputs give
-exact results for any magnitude a float32 model can produce.
+before exponentiating (the paper's recipe); both constants cancel between
+numerator and denominator. Causal forms use shifts that never look ahead (see
+``_causal_bias_weighted_mean`` and ``aft_simple``), so row t depends on tokens
+t' <= t alone, bit for bit. Precision limit of any factorized form: when the
+dominant ``K + w`` term of a row sits more than ~87 (float32) or ~700 (float64)
+below the sum of the two shifts, its factors underflow; the result stays finite
+(0 rather than NaN if everything underflows) but loses accuracy. Ordinary
+activations are far from that.
 
 All functions are plain tensor code: they run under autocast, on the meta
 device, in TorchScript and ``torch.compile``; timm's FX tracer treats them as
@@ -60,14 +62,39 @@ def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 def _bias_weighted_mean(k: torch.Tensor, v: torch.Tensor, pos_bias: torch.Tensor) -> torch.Tensor:
-    """sum_t' exp(k + w) v / sum_t' exp(k + w) for (B, T, C) k, v and a (T, T) bias (may hold -inf).
+    """sum_t' exp(k + w) v / sum_t' exp(k + w) for (B, T, C) k, v and a (T, T) bias.
 
-    Numerator and denominator share one (T, T) @ (B, T, 2C) product.
+    The paper's shifts: K's max over tokens (per batch and channel) and each row's max
+    of w. Numerator and denominator share one (T, T) @ (B, T, 2C) product.
     """
     k_max = k.detach().amax(dim=1, keepdim=True)
     w_max = pos_bias.detach().amax(dim=1, keepdim=True)
     exp_k = torch.exp(k - k_max)
     exp_w = torch.exp(pos_bias - w_max)
+    channels = k.shape[-1]
+    both = torch.matmul(exp_w, torch.cat([exp_k * v, exp_k], dim=-1))
+    return _safe_divide(both[..., :channels], both[..., channels:])
+
+
+def _causal_bias_weighted_mean(k: torch.Tensor, v: torch.Tensor, pos_bias: torch.Tensor) -> torch.Tensor:
+    """As :func:`_bias_weighted_mean` over t' <= t only, with shifts that never look ahead.
+
+    A max of K over all tokens would let later tokens change (or underflow) earlier
+    outputs. Instead each key token t' is shifted by its own max over channels,
+    s[b, t'], and that shift is moved into the bias, whose row max is then taken over
+    t' <= t only: exp(K - s) * exp(w + s - max_{t'<=t}(w + s)). Row t of the result
+    depends on tokens t' <= t alone, exactly, and every exponent is <= 0. The bias
+    becomes per sample, (B, T, T), never (B, T, T, C).
+    """
+    num_tokens = k.shape[1]
+    token_max = k.detach().amax(dim=2)  # (B, T)
+    exp_k = torch.exp(k - token_max.unsqueeze(-1))
+    visible = _causal_mask(num_tokens, k.device)
+    # bring both terms near 0 first (constants per row / per sample), so float32 keeps their precision
+    bias = pos_bias - pos_bias.detach().masked_fill(~visible, float('-inf')).amax(dim=1, keepdim=True)
+    token_shift = token_max - token_max[:, :1]
+    shifted = (bias.unsqueeze(0) + token_shift.unsqueeze(1)).masked_fill(~visible, float('-inf'))  # (B, T, T)
+    exp_w = torch.exp(shifted - shifted.detach().amax(dim=2, keepdim=True))
     channels = k.shape[-1]
     both = torch.matmul(exp_w, torch.cat([exp_k * v, exp_k], dim=-1))
     return _safe_divide(both[..., :channels], both[..., channels:])
@@ -94,7 +121,7 @@ def aft_full(
     _check_qkv('aft_full', q, k, v)
     _check_pos_bias('aft_full', q, pos_bias)
     if causal:
-        pos_bias = pos_bias.masked_fill(~_causal_mask(q.shape[1], q.device), float('-inf'))
+        return torch.sigmoid(q) * _causal_bias_weighted_mean(k, v, pos_bias)
     return torch.sigmoid(q) * _bias_weighted_mean(k, v, pos_bias)
 
 
@@ -107,19 +134,22 @@ def aft_simple(
 ) -> torch.Tensor:
     """AFT-simple (paper eq. 5): ``sigmoid(Q) * sum_t' softmax_T(K)[t'] * V[t']``, no position bias.
 
-    O(T C) time and memory; no (T, T) tensor is built. The causal form uses a
-    running log-sum-exp, so keys of any magnitude are exact: with ``V`` shifted
-    to be >= 1 per channel (the weights sum to 1, so the shift comes back out
-    exactly) the numerator is a log-cumulative-sum-exp as well.
+    O(T C) time and memory; no (T, T) tensor is built. The causal form is a running
+    log-sum-exp (``logcumsumexp``), stable for keys of any magnitude. Its numerator
+    needs positive terms, so V is split as ``(1 + relu(V)) - (1 + relu(-V))``, two
+    positive parts whose weighted means subtract back to V's. Keys are shifted by the
+    first token's key (always visible, so nothing looks ahead) to keep the log-sums
+    small and precise.
     """
     _check_qkv('aft_simple', q, k, v)
     if not causal:
         weights = torch.softmax(k, dim=1)
         return torch.sigmoid(q) * (weights * v).sum(dim=1, keepdim=True)
-    shift = v.detach().amin(dim=1, keepdim=True) - 1.0
+    k = k - k[:, :1].detach()
     log_den = torch.logcumsumexp(k, dim=1)
-    log_num = torch.logcumsumexp(k + torch.log(v - shift), dim=1)
-    return torch.sigmoid(q) * (torch.exp(log_num - log_den) + shift)
+    positive = torch.exp(torch.logcumsumexp(k + torch.log1p(torch.relu(v)), dim=1) - log_den)
+    negative = torch.exp(torch.logcumsumexp(k + torch.log1p(torch.relu(-v)), dim=1) - log_den)
+    return torch.sigmoid(q) * (positive - negative)
 
 
 def local_window_mask(num_tokens: int, window: int, device: torch.device) -> torch.Tensor:

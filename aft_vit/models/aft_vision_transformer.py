@@ -62,6 +62,7 @@ from timm.layers import (
     get_act_layer,
     get_device_dtype,
     get_norm_layer,
+    register_notrace_function,
     resample_abs_pos_embed,
     resample_patch_embed,
     trunc_normal_,
@@ -75,12 +76,40 @@ from timm.models.vision_transformer import get_init_weights_vit
 
 from aft_vit.layers import AftConv, AftFull, AftLocal, AftSimple
 
-__all__ = ['AftVisionTransformer', 'AftBlock']
+__all__ = ['AftVisionTransformer', 'AftBlock', 'checkpoint_filter_fn', 'check_image_input']
 
 _logger = logging.getLogger(__name__)
 
 MIXERS = ('full', 'local', 'simple', 'conv')
 POOL_TYPES = ('', 'avg', 'avgmax', 'max', 'token')
+
+
+@register_notrace_function
+def check_image_input(
+        x: torch.Tensor,
+        in_chans: int,
+        img_size: Tuple[int, int],
+        patch_size: Tuple[int, int],
+        fixed_size: bool,
+        pad: bool,
+) -> None:
+    """Raise a ValueError that says what is wrong with an input batch and how to fix it."""
+    if x.dim() != 4:
+        raise ValueError(f'expected a (B, C, H, W) image batch, got a tensor of shape {x.shape}')
+    height, width = x.shape[-2], x.shape[-1]
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f'expected {in_chans} input channels, got {x.shape[1]} (input shape {x.shape}); '
+            f'create the model with in_chans={x.shape[1]} (pretrained weights are adapted to it)')
+    if fixed_size and (height != img_size[0] or width != img_size[1]):
+        raise ValueError(
+            f'this model takes a fixed input size of {img_size[0]}x{img_size[1]}, got {height}x{width}; '
+            f'create it with img_size=({height}, {width}), call model.set_input_size(img_size=({height}, {width})), '
+            'or create it with dynamic_img_size=True')
+    if not pad and (height % patch_size[0] != 0 or width % patch_size[1] != 0):
+        raise ValueError(
+            f'input size {height}x{width} is not a multiple of the patch size {patch_size[0]}x{patch_size[1]}; '
+            'resize or crop the image, or create the model with dynamic_img_pad=True')
 
 
 class AftBlock(nn.Module):
@@ -354,6 +383,14 @@ class AftVisionTransformer(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         """Patchify, add prefix tokens and position embedding; returns (B, N, C) tokens and the patch grid."""
+        check_image_input(
+            x,
+            self.in_chans,
+            self.patch_embed.img_size,
+            self.patch_embed.patch_size,
+            not self.dynamic_img_size,
+            self.patch_embed.dynamic_img_pad,
+        )
         x = self.patch_embed(x)
         if self.dynamic_img_size:
             feat_size = (x.shape[1], x.shape[2])

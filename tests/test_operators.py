@@ -1,0 +1,230 @@
+"""AFT operators against the literal formula in float64, at large magnitudes, under autocast, and their costs."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from aft_vit.layers import aft_conv2d, aft_full, aft_local, aft_simple, local_window_mask_2d
+from tests.reference import naive_aft, naive_aft_conv2d, window_1d, window_2d
+
+# (std, offset) of keys and biases: ordinary, then magnitudes of 80 and more where float32 exp overflows
+MAGNITUDES = [(1., 0.), (30., 80.), (80., 0.), (5., 200.)]
+EXACT = dict(rtol=1e-6, atol=1e-10)
+
+
+def _tokens(batch=2, num_tokens=24, channels=6, std=1., offset=0., dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, num_tokens, channels, generator=g, dtype=dtype)
+    k = torch.randn(batch, num_tokens, channels, generator=g, dtype=dtype) * std + offset
+    v = torch.randn(batch, num_tokens, channels, generator=g, dtype=dtype)
+    w = torch.randn(num_tokens, num_tokens, generator=g, dtype=dtype) * std + offset
+    return q, k, v, w
+
+
+def _grid(batch=2, height=7, width=6, channels=8, heads=4, size=5, std=1., offset=0., dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, height, width, channels, generator=g, dtype=dtype)
+    k = torch.randn(batch, height, width, heads, generator=g, dtype=dtype) * std + offset
+    v = torch.randn(batch, height, width, channels, generator=g, dtype=dtype)
+    w = torch.randn(heads, size, size, generator=g, dtype=dtype) * std + offset
+    return q, k, v, w
+
+
+@pytest.mark.parametrize('std,offset', MAGNITUDES)
+@pytest.mark.parametrize('causal', [False, True])
+def test_aft_full_matches_formula(std, offset, causal):
+    q, k, v, w = _tokens(std=std, offset=offset)
+    torch.testing.assert_close(aft_full(q, k, v, w, causal=causal), naive_aft(q, k, v, w, causal), **EXACT)
+
+
+@pytest.mark.parametrize('std,offset', MAGNITUDES)
+@pytest.mark.parametrize('causal', [False, True])
+def test_aft_simple_matches_formula(std, offset, causal):
+    q, k, v, w = _tokens(std=std, offset=offset)
+    torch.testing.assert_close(aft_simple(q, k, v, causal=causal), naive_aft(q, k, v, w * 0, causal), **EXACT)
+
+
+@pytest.mark.parametrize('std,offset', MAGNITUDES)
+@pytest.mark.parametrize('causal', [False, True])
+@pytest.mark.parametrize('window', [1, 3, 100])
+def test_aft_local_matches_formula(std, offset, causal, window):
+    q, k, v, w = _tokens(std=std, offset=offset)
+    expected = naive_aft(q, k, v, w * window_1d(w.shape[0], window), causal)  # 0 (not -inf) outside the window
+    torch.testing.assert_close(aft_local(q, k, v, w, window, causal=causal), expected, **EXACT)
+
+
+@pytest.mark.parametrize('std,offset', MAGNITUDES)
+@pytest.mark.parametrize('size', [1, 3, 5, 15])
+def test_aft_conv2d_matches_formula(std, offset, size):
+    q, k, v, w = _grid(std=std, offset=offset, size=size)
+    torch.testing.assert_close(aft_conv2d(q, k, v, w), naive_aft_conv2d(q, k, v, w), **EXACT)
+
+
+@pytest.mark.parametrize('heads', [1, 2, 8])
+def test_aft_conv2d_equals_aft_full_with_dense_bias(heads):
+    """aft_conv2d is AFT-full with the window bias; aft_full computes the same thing densely."""
+    q, k, v, w = _grid(heads=heads, size=3, std=3.)
+    out = aft_conv2d(q, k, v, w)
+    batch, height, width, channels = q.shape
+    head_dim = channels // heads
+    from tests.reference import dense_conv_bias
+    bias = dense_conv_bias(w, height, width)
+    for i in range(heads):
+        cols = slice(i * head_dim, (i + 1) * head_dim)
+        k_head = k[..., i:i + 1].expand(-1, -1, -1, head_dim).reshape(batch, -1, head_dim)
+        dense = aft_full(q[..., cols].reshape(batch, -1, head_dim), k_head,
+                         v[..., cols].reshape(batch, -1, head_dim), bias[i])
+        torch.testing.assert_close(out[..., cols].reshape(batch, -1, head_dim), dense, **EXACT)
+
+
+def _float32_large():
+    """Keys and biases around 90: exp overflows float32 in the naive formula.
+
+    Returned in float64 but rounded to float32 values, so the float64 reference sees the same inputs.
+    """
+    tokens = [x.float().double() for x in _tokens(std=3., offset=90.)]
+    grid = [x.float().double() for x in _grid(std=3., offset=90.)]
+    return tokens, grid
+
+
+def test_float32_large_magnitudes_do_not_overflow():
+    (q, k, v, w), (qc, kc, vc, wc) = _float32_large()
+    f32 = lambda *xs: [x.float() for x in xs]  # noqa: E731
+    naive32 = torch.sigmoid(q.float()) * (torch.exp(k.float()) * v.float()).sum(1, keepdim=True)
+    assert not torch.isfinite(naive32).all(), 'inputs must be large enough to overflow the naive float32 formula'
+    cases = [
+        (aft_full(*f32(q, k, v, w)), naive_aft(q, k, v, w)),
+        (aft_full(*f32(q, k, v, w), causal=True), naive_aft(q, k, v, w, causal=True)),
+        (aft_simple(*f32(q, k, v)), naive_aft(q, k, v, w * 0)),
+        (aft_simple(*f32(q, k, v), causal=True), naive_aft(q, k, v, w * 0, causal=True)),
+        (aft_local(*f32(q, k, v, w), 4), naive_aft(q, k, v, w * window_1d(w.shape[0], 4))),
+        (aft_conv2d(*f32(qc, kc, vc, wc)), naive_aft_conv2d(qc, kc, vc, wc)),
+    ]
+    for out, expected in cases:
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_autocast_finite_and_close():
+    (q, k, v, w), (qc, kc, vc, wc) = _float32_large()
+    f32 = lambda *xs: [x.float() for x in xs]  # noqa: E731
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        cases = [
+            (aft_full(*f32(q, k, v, w)), naive_aft(q, k, v, w)),
+            (aft_simple(*f32(q, k, v)), naive_aft(q, k, v, w * 0)),
+            (aft_local(*f32(q, k, v, w), 4), naive_aft(q, k, v, w * window_1d(w.shape[0], 4))),
+            (aft_conv2d(*f32(qc, kc, vc, wc)), naive_aft_conv2d(qc, kc, vc, wc)),
+        ]
+    for out, expected in cases:
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), expected, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize('op', ['full', 'simple', 'local'])
+def test_causal_does_not_look_ahead(op):
+    q, k, v, w = _tokens(num_tokens=16)
+    run = {
+        'full': lambda q, k, v: aft_full(q, k, v, w, causal=True),
+        'simple': lambda q, k, v: aft_simple(q, k, v, causal=True),
+        'local': lambda q, k, v: aft_local(q, k, v, w, 3, causal=True),
+    }[op]
+    before = run(q, k, v)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    k2[:, 10:] += 50.
+    v2[:, 10:] = torch.randn_like(v2[:, 10:])
+    q2[:, 10:] = -q2[:, 10:]
+    after = run(q2, k2, v2)
+    torch.testing.assert_close(after[:, :10], before[:, :10], rtol=0, atol=0)
+    assert not torch.allclose(after[:, 10:], before[:, 10:])
+
+
+def test_gradients_match_finite_differences():
+    q, k, v, w = (x.requires_grad_() for x in _tokens(batch=1, num_tokens=5, channels=2, std=2.))
+    assert torch.autograd.gradcheck(lambda *a: aft_full(*a), (q, k, v, w))
+    assert torch.autograd.gradcheck(lambda *a: aft_full(*a, causal=True), (q, k, v, w))
+    assert torch.autograd.gradcheck(lambda q, k, v: aft_simple(q, k, v, causal=True), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: aft_simple(q, k, v), (q, k, v))
+    assert torch.autograd.gradcheck(lambda *a: aft_local(*a, 2), (q, k, v, w))
+    qc, kc, vc, wc = (x.requires_grad_() for x in _grid(batch=1, height=4, width=3, channels=4, heads=2, size=3))
+    assert torch.autograd.gradcheck(aft_conv2d, (qc, kc, vc, wc))
+
+
+class _ShapeRecorder(TorchDispatchMode):
+    """Records the number of elements of every tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _largest_tensor(fn, *args):
+    recorder = _ShapeRecorder()
+    with recorder:
+        fn(*args)
+    return recorder.largest
+
+
+def test_simple_and_conv_never_build_token_by_token_tensors():
+    num_tokens = 48 * 48  # T^2 = 5.3M elements, far above B * T * C
+    q, k, v = (torch.randn(1, num_tokens, 8) for _ in range(3))
+    for causal in (False, True):
+        assert _largest_tensor(lambda: aft_simple(q, k, v, causal=causal)) < num_tokens * num_tokens // 100
+    qc, vc = torch.randn(1, 48, 48, 8), torch.randn(1, 48, 48, 8)
+    kc, wc = torch.randn(1, 48, 48, 2), torch.randn(2, 11, 11)
+    assert _largest_tensor(aft_conv2d, qc, kc, vc, wc) < num_tokens * num_tokens // 100
+
+
+def test_full_and_local_never_build_batch_token_token_channel_tensors():
+    batch, num_tokens, channels = 2, 196, 16
+    q, k, v, w = _tokens(batch=batch, num_tokens=num_tokens, channels=channels, dtype=torch.float32)
+    limit = max(batch * num_tokens * num_tokens, batch * num_tokens * 2 * channels)  # (B, T, T) is allowed
+    assert limit < batch * num_tokens * num_tokens * channels
+    assert _largest_tensor(aft_full, q, k, v, w) <= limit
+    assert _largest_tensor(lambda: aft_local(q, k, v, w, 5, causal=True)) <= limit
+
+
+def test_conv_work_grows_linearly_in_tokens():
+    def flops(side):
+        q, v = torch.randn(1, side, side, 16), torch.randn(1, side, side, 16)
+        k, w = torch.randn(1, side, side, 4), torch.randn(4, 11, 11)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            aft_conv2d(q, k, v, w)
+        return counter.get_total_flops()
+    small, large = flops(32), flops(128)  # 16x the tokens
+    assert large == 16 * small
+
+
+def test_local_window_mask_2d_matches_loops():
+    mask = local_window_mask_2d([5, 4], 3, 1, torch.device('cpu'))
+    torch.testing.assert_close(mask.double(), window_2d(5, 4, 3, 1))
+
+
+@pytest.mark.parametrize('call,match', [
+    (lambda: aft_full(torch.randn(2, 5, 4), torch.randn(2, 5, 4), torch.randn(2, 6, 4), torch.randn(5, 5)),
+     'same'),
+    (lambda: aft_full(torch.randn(2, 5, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 4), torch.randn(5, 6)),
+     'pos_bias must be'),
+    (lambda: aft_full(torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 4), torch.randn(5, 5)), r'\(B, T, C\)'),
+    (lambda: aft_simple(torch.randn(2, 5, 4), torch.randn(2, 5, 3), torch.randn(2, 5, 4)), 'same'),
+    (lambda: aft_local(torch.randn(2, 5, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 4), torch.randn(5, 5), 0),
+     'window'),
+    (lambda: aft_conv2d(torch.randn(1, 4, 4, 6), torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 6),
+                        torch.randn(4, 3, 3)), 'divisible'),
+    (lambda: aft_conv2d(torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 8),
+                        torch.randn(4, 4, 4)), 'odd'),
+    (lambda: aft_conv2d(torch.randn(1, 4, 4, 8), torch.randn(1, 4, 5, 4), torch.randn(1, 4, 4, 8),
+                        torch.randn(4, 3, 3)), 'k must be'),
+    (lambda: aft_conv2d(torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 8),
+                        torch.randn(2, 3, 3)), 'weight must be'),
+])
+def test_bad_input_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
