@@ -4,7 +4,6 @@ import sys
 from typing import List, Optional
 
 import timm
-import torch
 
 import aft_vit  # noqa: F401  registers the models
 
@@ -54,7 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    torch.set_grad_enabled(False)
     args = build_parser().parse_args(argv)
     return args.func(args)
 
