@@ -119,24 +119,11 @@ class AftLocal(AftFull):
     Prefix (class) tokens are inside every window (see :func:`local_window_mask_2d`).
     """
 
-    def __init__(
-            self,
-            dim: int,
-            grid_size: Tuple[int, int],
-            num_prefix_tokens: int = 1,
-            bias_rank: int = 128,
-            window: int = 7,
-            qkv_bias: bool = True,
-            proj_bias: bool = True,
-            proj_drop: float = 0.,
-            device=None,
-            dtype=None,
-    ) -> None:
+    def __init__(self, dim: int, grid_size: Tuple[int, int], window: int = 7, **kwargs) -> None:
+        """``window``: side of the square patch window (odd); other arguments as :class:`AftFull`."""
         if window < 1 or window % 2 != 1:
             raise ValueError(f'AftLocal: window must be a positive odd int (a centred square), got {window}')
-        super().__init__(
-            dim, grid_size, num_prefix_tokens=num_prefix_tokens, bias_rank=bias_rank, qkv_bias=qkv_bias,
-            proj_bias=proj_bias, proj_drop=proj_drop, device=device, dtype=dtype)
+        super().__init__(dim, grid_size, **kwargs)
         self.window = window
 
     def _restrict(self, bias: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
