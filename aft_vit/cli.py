@@ -1,4 +1,9 @@
-"""The ``aft-vit`` command. ``aft-vit models`` lists the registered AFT models with their measured sizes."""
+"""The ``aft-vit`` command: ``models``, ``train``, ``eval``, ``predict``.
+
+Each subcommand parses its own arguments (``aft-vit train --help``). Problems with what the user
+passed (missing data, unknown model, a checkpoint of another model) end in one line on stderr
+and exit status 2, never a traceback.
+"""
 import argparse
 import sys
 from typing import List, Optional
@@ -6,6 +11,7 @@ from typing import List, Optional
 import timm
 
 import aft_vit  # noqa: F401  registers the models
+from .errors import UserInputError
 
 
 def _describe(name: str) -> dict:
@@ -43,18 +49,42 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='aft-vit', description='Attention Free Transformer vision models for timm.')
-    sub = parser.add_subparsers(dest='command', required=True)
-    models = sub.add_parser('models', help='list the AFT models registered in timm, with their parameter counts')
-    models.add_argument('filter', nargs='?', default='aft_*', help='wildcard filter on model names (default aft_*)')
-    models.set_defaults(func=cmd_models)
-    return parser
+def _models_main(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog='aft-vit models', description='list the AFT models registered in timm')
+    parser.add_argument('filter', nargs='?', default='aft_*', help='wildcard filter on model names (default aft_*)')
+    return cmd_models(parser.parse_args(argv))
+
+
+def _subcommands():
+    from . import evaluate, predict, train
+    return {
+        'models': (_models_main, 'list the AFT models registered in timm, with their parameter counts'),
+        'train': (train.main, 'train or fine-tune a model on an ImageFolder tree (timm train.py arguments)'),
+        'eval': (evaluate.main, 'top-1 / top-5 / loss / img/s of a model on an ImageFolder split'),
+        'predict': (predict.main, 'top-k labels of a model for image files'),
+    }
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = _subcommands()
+    if not argv or argv[0] in ('-h', '--help') or argv[0] not in commands:
+        print('usage: aft-vit {' + ','.join(commands) + '} [ARGS...]\n')
+        for name, (_, text) in commands.items():
+            print(f'  {name:<8} {text}')
+        if argv and argv[0] not in ('-h', '--help'):
+            print(f'\naft-vit: error: unknown command {argv[0]!r}', file=sys.stderr)
+            return 2
+        return 0 if argv else 2
+    command, _ = commands[argv[0]]
+    try:
+        return command(argv[1:])
+    except UserInputError as e:
+        print(f'aft-vit {argv[0]}: error: {e}', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f'aft-vit {argv[0]}: interrupted', file=sys.stderr)
+        return 130
 
 
 if __name__ == '__main__':

@@ -1,0 +1,5 @@
+"""The one exception type the command line turns into a one-line message and a non-zero exit."""
+
+
+class UserInputError(Exception):
+    """Something the user passed (a path, a model name, a checkpoint) cannot be used; the message says why and what to do."""

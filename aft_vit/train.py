@@ -1,0 +1,463 @@
+"""``aft-vit train``: train or fine-tune any timm model (the aft ones registered) on an ImageFolder tree.
+
+Built from timm's parts: ``create_dataset`` / ``create_loader`` (RandAugment, random erasing, repeated
+augmentation), ``Mixup``, timm's losses via ``timm.task.ClassificationTask``, ``create_optimizer_v2``
+(layer-wise lr decay through ``group_matcher``), ``create_scheduler_v2``, ``ModelEmaV3``. Arguments keep
+the names of timm's ``train.py`` and a ``--config`` YAML uses its keys, so one recipe serves both.
+Outputs land where timm's go: ``<output>/<experiment>/{last,model_best}.pth.tar``, ``summary.csv``,
+``args.yaml``. Run on many processes with ``torchrun`` (gloo on CPU, nccl on GPU).
+
+Exact resume: every epoch reseeds all RNGs from (seed, epoch, rank) and loader workers are
+restarted each epoch, so a run resumed from ``last.pth.tar`` (model, optimizer, scheduler, EMA,
+epoch) continues bit for bit as if it had never stopped.
+"""
+import argparse
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import yaml
+from tqdm import tqdm
+
+from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import safe_model_name
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.task import ClassificationTask
+from timm.utils import (
+    NativeScaler, ParseKwargs, dispatch_clip_grad, get_outdir, init_distributed_device, random_seed, update_summary)
+from timm.utils.summary import trim_summary
+
+import aft_vit  # noqa: F401  registers the aft models
+from .checkpoint import CHECKPOINT_VERSION, check_architecture, load_checkpoint_file, save_atomic
+from .factory import create_model_checked, load_weights
+from .data import check_image_folder, resolve_split_dir
+from .errors import UserInputError
+from .evaluate import evaluate
+
+_logger = logging.getLogger('aft_vit.train')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The arguments, named (and defaulted) as in timm's train.py; a subset of it, plus ``--skip-image-check``."""
+    parser = argparse.ArgumentParser(prog='aft-vit train', description=__doc__.split('\n\n')[0])
+    parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML of defaults, keys as timm train.py')
+    g = parser.add_argument_group('data')
+    g.add_argument('data', nargs='?', metavar='DIR', help='dataset root (same as --data-dir)')
+    g.add_argument('--data-dir', metavar='DIR', help='ImageFolder root with train/ and val/ (or test/)')
+    g.add_argument('--dataset', default='', help="timm dataset type ('' = ImageFolder)")
+    g.add_argument('--train-split', default='train')
+    g.add_argument('--val-split', default='validation', help="eval split; 'val' or 'test' folders are found too")
+    g.add_argument('--train-num-samples', type=int, default=None)
+    g.add_argument('--val-num-samples', type=int, default=None)
+    g.add_argument('--class-map', default='')
+    g.add_argument('--skip-image-check', action='store_true', help='do not read every image header before training')
+    g = parser.add_argument_group('model')
+    g.add_argument('--model', default='aft_conv_tiny')
+    g.add_argument('--pretrained', action='store_true', help='start from the pretrained weights of --model')
+    g.add_argument('--pretrained-path', default=None, help='start from these weights (head adapted to --num-classes)')
+    g.add_argument('--initial-checkpoint', default='', help='start from this checkpoint (fine-tuning)')
+    g.add_argument('--resume', default='', help='resume model, optimizer, scheduler, EMA and epoch from a checkpoint')
+    g.add_argument('--no-resume-opt', action='store_true')
+    g.add_argument('--num-classes', type=int, default=None, help='default: the number of class folders')
+    g.add_argument('--gp', default=None, help='global pool type')
+    g.add_argument('--img-size', type=int, default=None)
+    g.add_argument('--in-chans', type=int, default=None)
+    g.add_argument('--input-size', type=int, nargs=3, default=None, metavar='N')
+    g.add_argument('--crop-pct', type=float, default=None)
+    g.add_argument('--mean', type=float, nargs='+', default=None)
+    g.add_argument('--std', type=float, nargs='+', default=None)
+    g.add_argument('--interpolation', default='')
+    g.add_argument('-b', '--batch-size', type=int, default=128, help='per-process batch size')
+    g.add_argument('-vb', '--validation-batch-size', type=int, default=None)
+    g.add_argument('--grad-checkpointing', action='store_true')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, help='torch.compile backend')
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    g.add_argument('--amp', action='store_true', help='mixed precision (autocast)')
+    g.add_argument('--amp-dtype', default='bfloat16', choices=('float16', 'bfloat16'))
+    g.add_argument('--device-modules', nargs='+', default=None, help='modules to import before building the model')
+    g = parser.add_argument_group('optimizer')
+    g.add_argument('--opt', default='adamw')
+    g.add_argument('--opt-eps', type=float, default=None)
+    g.add_argument('--opt-betas', type=float, nargs='+', default=None)
+    g.add_argument('--momentum', type=float, default=0.9)
+    g.add_argument('--weight-decay', type=float, default=0.05)
+    g.add_argument('--clip-grad', type=float, default=None)
+    g.add_argument('--clip-mode', default='norm')
+    g.add_argument('--layer-decay', type=float, default=None)
+    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs)
+    g = parser.add_argument_group('schedule')
+    g.add_argument('--sched', default='cosine')
+    g.add_argument('--sched-on-updates', action='store_true')
+    g.add_argument('--lr', type=float, default=None, help='default: lr-base * global batch / lr-base-size')
+    g.add_argument('--lr-base', type=float, default=5e-4)
+    g.add_argument('--lr-base-size', type=int, default=512)
+    g.add_argument('--lr-base-scale', default='linear', choices=('linear', 'sqrt'))
+    g.add_argument('--warmup-lr', type=float, default=1e-6)
+    g.add_argument('--min-lr', type=float, default=1e-5)
+    g.add_argument('--epochs', type=int, default=300)
+    g.add_argument('--warmup-epochs', type=int, default=5)
+    g.add_argument('--warmup-prefix', action='store_true')
+    g.add_argument('--cooldown-epochs', type=int, default=0)
+    g.add_argument('--decay-epochs', type=float, default=90)
+    g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270])
+    g.add_argument('--decay-rate', type=float, default=0.1)
+    g.add_argument('--patience-epochs', type=int, default=10)
+    g = parser.add_argument_group('augmentation and regularization')
+    g.add_argument('--no-aug', action='store_true')
+    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0])
+    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.])
+    g.add_argument('--hflip', type=float, default=0.5)
+    g.add_argument('--vflip', type=float, default=0.)
+    g.add_argument('--color-jitter', type=float, default=0.4)
+    g.add_argument('--aa', default=None, help='auto augment policy, e.g. rand-m9-mstd0.5-inc1')
+    g.add_argument('--aug-repeats', type=float, default=0, help='repeated augmentation (distributed only)')
+    g.add_argument('--reprob', type=float, default=0.)
+    g.add_argument('--remode', default='pixel')
+    g.add_argument('--recount', type=int, default=1)
+    g.add_argument('--mixup', type=float, default=0.)
+    g.add_argument('--cutmix', type=float, default=0.)
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
+    g.add_argument('--mixup-prob', type=float, default=1.)
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--mixup-mode', default='batch')
+    g.add_argument('--mixup-off-epoch', type=int, default=0)
+    g.add_argument('--smoothing', type=float, default=0.1)
+    g.add_argument('--train-interpolation', default='random')
+    g.add_argument('--drop', type=float, default=0.)
+    g.add_argument('--drop-path', type=float, default=None)
+    g.add_argument('--model-ema', action='store_true')
+    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--model-ema-warmup', action='store_true')
+    g = parser.add_argument_group('misc')
+    g.add_argument('--seed', type=int, default=42)
+    g.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1))
+    g.add_argument('--pin-mem', action='store_true')
+    g.add_argument('--no-prefetcher', action='store_true')
+    g.add_argument('--output', default='output', help='parent folder of the experiment folder')
+    g.add_argument('--experiment', default='', help='experiment folder name (default: date-model-size)')
+    g.add_argument('--eval-metric', default='top1')
+    g.add_argument('--log-interval', type=int, default=50, help='progress bar refresh, in batches')
+    g.add_argument('--no-progress', action='store_true', help='no progress bar (logs per epoch only)')
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse ``argv`` with a ``--config`` YAML as defaults (command-line flags win), as timm's train.py does."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        try:
+            with open(pre.config, encoding='utf-8') as f:
+                cfg = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise UserInputError(f'cannot read config {pre.config}: {e.strerror}') from None
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            _logger.warning(f'{pre.config}: keys not used by aft-vit train (timm train.py only): {", ".join(unknown)}')
+        parser.set_defaults(**{k: v for k, v in cfg.items() if k in known})
+    args = parser.parse_args(argv)
+    args.data_dir = args.data_dir or args.data
+    if not args.data_dir:
+        raise UserInputError('no dataset: pass --data-dir DIR (an ImageFolder root with train/ and val/ or test/)')
+    return args
+
+
+def _create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
+    kwargs = dict(args.model_kwargs)
+    if args.img_size is not None:
+        kwargs.setdefault('img_size', args.img_size)
+    if args.pretrained_path:
+        kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    model = create_model_checked(
+        args.model,
+        pretrained=args.pretrained or bool(args.pretrained_path),
+        num_classes=num_classes,
+        in_chans=in_chans,
+        drop_rate=args.drop,
+        drop_path_rate=args.drop_path,
+        global_pool=args.gp,
+        **kwargs,
+    )
+    if args.initial_checkpoint:
+        load_weights(model, args.initial_checkpoint, args.model)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _train_loss(args: argparse.Namespace, mixup_active: bool) -> torch.nn.Module:
+    if mixup_active:
+        return SoftTargetCrossEntropy()  # mixup folds label smoothing into its soft targets
+    if args.smoothing:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def _is_primary(args: argparse.Namespace) -> bool:
+    return args.rank == 0
+
+
+def _resolve_lr(args: argparse.Namespace) -> None:
+    if args.lr is None:
+        ratio = args.batch_size * args.world_size / args.lr_base_size
+        args.lr = args.lr_base * (math.sqrt(ratio) if args.lr_base_scale == 'sqrt' else ratio)
+
+
+def _train_one_epoch(
+        epoch: int, task, optimizer, scheduler, loader, args, device, amp_autocast, loss_scaler,
+        mixup_fn, num_updates: int, progress: bool,
+) -> Tuple[Dict[str, float], int]:
+    model = task.get_trainable_module()
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    samples = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f'epoch {epoch}', disable=not progress, mininterval=1.0, leave=False)
+    for step, (images, target) in enumerate(bar):
+        images, target = images.to(device), target.to(device)
+        if mixup_fn is not None:
+            images, target = mixup_fn(images, target)
+        with amp_autocast():
+            loss = task(images, target)['loss']
+        optimizer.zero_grad(set_to_none=True)
+        if loss_scaler is not None:
+            loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                        parameters=model.parameters())
+        else:
+            loss.backward()
+            if args.clip_grad is not None:
+                dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
+            optimizer.step()
+        num_updates += 1
+        task.update_ema(step=num_updates)
+        scheduler.step_update(num_updates=num_updates)
+        loss_sum += loss.detach().double() * images.shape[0]
+        samples += images.shape[0]
+        if progress and (step % args.log_interval == 0 or step == len(loader) - 1):
+            rate = samples * args.world_size / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}',
+                            img_s=f'{rate:.0f}')
+    totals = torch.stack([loss_sum, torch.tensor(float(samples), dtype=torch.float64, device=device)])
+    if args.distributed:
+        dist.all_reduce(totals)
+    elapsed = time.perf_counter() - start
+    return dict(loss=(totals[0] / totals[1].clamp_min(1)).item(), img_per_sec=totals[1].item() / elapsed), num_updates
+
+
+def _plain_args(args: argparse.Namespace) -> Dict[str, Any]:
+    """The arguments as plain values: loadable with ``weights_only=True`` and dumpable as YAML."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
+
+
+def _checkpoint_state(args, epoch, task, optimizer, scheduler, loss_scaler, metric, label_names) -> Dict[str, Any]:
+    state = dict(
+        epoch=epoch,
+        arch=args.model,
+        version=CHECKPOINT_VERSION,
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        metric=metric,
+        label_names=list(label_names),
+        args=_plain_args(args),
+    )
+    state.update(task.get_checkpoint_state())
+    if task.has_ema():
+        state.update(task.get_checkpoint_state(ema=True))
+    if loss_scaler is not None:
+        state[loss_scaler.state_dict_key] = loss_scaler.state_dict()
+    return state
+
+
+def _resume(args, task, optimizer, scheduler, loss_scaler) -> Tuple[int, Optional[float]]:
+    checkpoint = load_checkpoint_file(args.resume)
+    check_architecture(checkpoint, args.resume, args.model)
+    if 'state_dict' not in checkpoint:
+        raise UserInputError(f'{args.resume} holds no training state (no state_dict): use --initial-checkpoint')
+    load_weights(task.get_trainable_module(), args.resume, args.model, checkpoint=checkpoint)
+    if task.has_ema() and checkpoint.get('state_dict_ema') is not None:
+        load_weights(task.get_trainable_module(ema=True).module, args.resume, args.model, use_ema=True,
+                     checkpoint=checkpoint)
+    if not args.no_resume_opt and 'optimizer' in checkpoint:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        if 'scheduler' in checkpoint:
+            scheduler.load_state_dict(checkpoint['scheduler'])
+        if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
+            loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
+    start_epoch = checkpoint.get('epoch', -1) + (1 if checkpoint.get('version', 1) > 1 else 0)
+    return start_epoch, checkpoint.get('metric')
+
+
+def train(args: argparse.Namespace) -> Dict[str, Any]:
+    """Run training; returns the final epoch's metrics and the output folder."""
+    for module in args.device_modules or []:
+        __import__(module)
+    device = init_distributed_device(args)
+    progress = _is_primary(args) and not args.no_progress
+
+    train_dir = resolve_split_dir(args.data_dir, args.train_split)
+    eval_dir = resolve_split_dir(args.data_dir, args.val_split) if args.val_split else None
+    label_names = check_image_folder(train_dir, verify_images=not args.skip_image_check)
+    if eval_dir is not None:
+        eval_names = check_image_folder(eval_dir, verify_images=not args.skip_image_check)
+        if eval_names != label_names:
+            raise UserInputError(f'class folders of {eval_dir} differ from {train_dir}: '
+                                 f'{sorted(set(eval_names) ^ set(label_names))}')
+    num_classes = args.num_classes = args.num_classes or len(label_names)
+
+    random_seed(args.seed, args.rank)
+    model = _create_model(args, num_classes)
+    data_config = resolve_data_config(vars(args), model=model, verbose=_is_primary(args))
+    model.to(device)
+
+    amp_autocast = nullcontext
+    loss_scaler = None
+    if args.amp:
+        amp_dtype = getattr(torch, args.amp_dtype)
+        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
+        if device.type == 'cuda' and amp_dtype == torch.float16:
+            loss_scaler = NativeScaler(device=device.type)
+
+    use_prefetcher = device.type == 'cuda' and not args.no_prefetcher
+    dataset_train = create_dataset(args.dataset, root=str(train_dir), split=args.train_split, is_training=True,
+                                   class_map=args.class_map, num_samples=args.train_num_samples, seed=args.seed)
+    dataset_eval = None
+    if eval_dir is not None:
+        dataset_eval = create_dataset(args.dataset, root=str(eval_dir), split=args.val_split, is_training=False,
+                                      class_map=args.class_map, num_samples=args.val_num_samples)
+
+    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+    mixup_fn, collate_fn = None, None
+    if mixup_active:
+        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                          label_smoothing=args.smoothing, num_classes=num_classes)
+        if use_prefetcher:
+            collate_fn = FastCollateMixup(**mixup_args)
+        else:
+            mixup_fn = Mixup(**mixup_args)
+    common = dict(mean=data_config['mean'], std=data_config['std'], pin_memory=args.pin_mem, device=device,
+                  distributed=args.distributed, use_prefetcher=use_prefetcher, num_workers=args.workers,
+                  persistent_workers=False)  # fresh workers per epoch: their RNG is reseeded with the epoch
+    loader_train = create_loader(
+        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
+        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+        num_aug_repeats=int(args.aug_repeats) if args.distributed else 0,
+        interpolation=(data_config['interpolation'] if args.no_aug or not args.train_interpolation
+                       else args.train_interpolation),
+        collate_fn=collate_fn, **common)
+    if len(loader_train) == 0:
+        raise UserInputError(f'{train_dir} has {len(dataset_train)} images: fewer than one batch of '
+                             f'{args.batch_size} per process; lower -b')
+    loader_eval = None
+    if dataset_eval is not None:
+        loader_eval = create_loader(
+            dataset_eval, input_size=data_config['input_size'],
+            batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+            interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
+
+    _resolve_lr(args)
+    task = ClassificationTask(model, criterion=_train_loss(args, mixup_active), device=device,
+                              verbose=_is_primary(args))
+    if args.model_ema:
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup, device=device)
+    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
+        updates_per_epoch=len(loader_train))
+
+    start_epoch, best_metric = 0, None
+    if args.resume:
+        start_epoch, best_metric = _resume(args, task, optimizer, scheduler, loss_scaler)
+    if start_epoch > 0:  # timm's schedulers are functions of the epoch / update count: set them to where we are
+        scheduler.step(start_epoch)
+        scheduler.step_update(start_epoch * len(loader_train))
+
+    if args.torchcompile:
+        task.compile(backend=args.torchcompile)
+    if args.distributed:
+        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
+    eval_model = task.get_eval_model()
+
+    output_dir = None
+    if _is_primary(args):
+        experiment = args.experiment or '-'.join([
+            time.strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
+        output_dir = Path(args.output) / experiment
+        if args.resume and Path(args.resume).resolve().parent == output_dir.resolve():
+            trim_summary(str(output_dir / 'summary.csv'), start_epoch)  # continue the run in its own folder
+        else:
+            output_dir = Path(get_outdir(args.output, experiment, inc=True))  # never mix two runs: name-1, name-2
+        with open(output_dir / 'args.yaml', 'w', encoding='utf-8') as f:
+            yaml.safe_dump(_plain_args(args), f)
+        _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, '
+                     f'{len(dataset_train)} train images, lr {args.lr:.3g}, {num_epochs} epochs -> {output_dir}')
+
+    decreasing = 'loss' in args.eval_metric
+    metrics: Dict[str, Any] = {}
+    num_updates = start_epoch * len(loader_train)
+    for epoch in range(start_epoch, num_epochs):
+        random_seed(args.seed + epoch, args.rank)  # every epoch's randomness is a function of (seed, epoch, rank)
+        if hasattr(loader_train.sampler, 'set_epoch'):
+            loader_train.sampler.set_epoch(epoch)
+        if mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            if mixup_fn is not None:
+                mixup_fn.mixup_enabled = False
+            elif collate_fn is not None:
+                collate_fn.mixup_enabled = False
+        train_metrics, num_updates = _train_one_epoch(
+            epoch, task, optimizer, scheduler, loader_train, args, device, amp_autocast, loss_scaler,
+            mixup_fn, num_updates, progress)
+        eval_metrics = {}
+        if loader_eval is not None:
+            eval_metrics = evaluate(eval_model, loader_eval, device=device, amp_autocast=amp_autocast,
+                                    distributed=args.distributed, progress=progress)
+            if task.has_ema():
+                ema_metrics = evaluate(task.get_eval_model(ema=True), loader_eval, device=device,
+                                       amp_autocast=amp_autocast, distributed=args.distributed)
+                eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
+        metric = eval_metrics.get(args.eval_metric, train_metrics['loss'] if decreasing else None)
+        scheduler.step(epoch + 1, metric)
+
+        if _is_primary(args):
+            improved = metric is not None and (
+                best_metric is None or (metric < best_metric if decreasing else metric > best_metric))
+            if improved:
+                best_metric = metric
+            state = _checkpoint_state(args, epoch, task, optimizer, scheduler, loss_scaler, metric, label_names)
+            save_atomic(state, output_dir / 'last.pth.tar')
+            if improved or not (output_dir / 'model_best.pth.tar').exists():
+                save_atomic(state, output_dir / 'model_best.pth.tar')
+            update_summary(epoch, train_metrics, eval_metrics, str(output_dir / 'summary.csv'),
+                           lr=optimizer.param_groups[0]['lr'])
+            line = f'epoch {epoch}: train loss {train_metrics["loss"]:.4f} ({train_metrics["img_per_sec"]:.0f} img/s)'
+            if eval_metrics:
+                line += (f', eval top1 {eval_metrics["top1"]:.2f} top5 {eval_metrics["top5"]:.2f} '
+                         f'loss {eval_metrics["loss"]:.4f}')
+            print(line, flush=True)
+        metrics = dict(epoch=epoch, train=train_metrics, eval=eval_metrics)
+    metrics['output_dir'] = str(output_dir) if output_dir else None
+    metrics['best_metric'] = best_metric
+    if args.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return metrics
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    args = parse_args(argv)
+    train(args)
+    return 0
