@@ -436,12 +436,13 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
                 best_metric is None or (metric < best_metric if decreasing else metric > best_metric))
             if improved:
                 best_metric = metric
+            # the summary row first: a kill before the checkpoint makes resume redo this epoch and trim the row
+            update_summary(epoch, train_metrics, eval_metrics, str(output_dir / 'summary.csv'),
+                           lr=optimizer.param_groups[0]['lr'])
             state = _checkpoint_state(args, epoch, task, optimizer, scheduler, loss_scaler, metric, label_names)
             save_atomic(state, output_dir / 'last.pth.tar')
             if improved or not (output_dir / 'model_best.pth.tar').exists():
                 save_atomic(state, output_dir / 'model_best.pth.tar')
-            update_summary(epoch, train_metrics, eval_metrics, str(output_dir / 'summary.csv'),
-                           lr=optimizer.param_groups[0]['lr'])
             line = f'epoch {epoch}: train loss {train_metrics["loss"]:.4f} ({train_metrics["img_per_sec"]:.0f} img/s)'
             if eval_metrics:
                 line += (f', eval top1 {eval_metrics["top1"]:.2f} top5 {eval_metrics["top5"]:.2f} '
@@ -451,9 +452,23 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     metrics['output_dir'] = str(output_dir) if output_dir else None
     metrics['best_metric'] = best_metric
     if args.distributed:
+        divergence = _rank_divergence(task.get_trainable_module())
+        if _is_primary(args):
+            print(f'parameters across {args.world_size} ranks: max |difference| {divergence:g}', flush=True)
+        metrics['rank_divergence'] = divergence
         dist.barrier()
         dist.destroy_process_group()
     return metrics
+
+
+def _rank_divergence(model: torch.nn.Module) -> float:
+    """Largest difference between any rank's parameters and rank 0's (0 when DDP kept them in step)."""
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    diff = (flat - reference).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
 
 
 def main(argv: Optional[List[str]] = None) -> int:

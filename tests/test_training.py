@@ -1,0 +1,224 @@
+"""aft-vit train / eval / predict and python -m aft_vit.run, end to end on real CIFAR-10 images (../shared/data)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from aft_vit.cli import main as cli_main
+from aft_vit.train import build_parser as train_parser, parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def small_model(depth: int):
+    """aft_conv_tiny's architecture with ``depth`` blocks at 32 px with 4 px patches (64 tokens), CIFAR normalization."""
+    return ['--model', 'aft_conv_tiny', '--model-kwargs', 'img_size=32', 'patch_size=4', f'depth={depth}',
+            '--img-size', '32', '--crop-pct', '1.0', '--mean', '0.4914', '0.4822', '0.4465',
+            '--std', '0.247', '0.2435', '0.2616']
+
+
+SMALL_MODEL = small_model(4)
+
+
+def _aft_vit(*args, check=True, timeout=600, env_extra=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env_extra or {}))
+    result = subprocess.run([sys.executable, '-m', 'aft_vit', *map(str, args)], capture_output=True, text=True,
+                            env=env, timeout=timeout, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f'aft-vit {args[0]} failed ({result.returncode}):\n{result.stderr[-3000:]}')
+    return result
+
+
+def _summary(folder: Path):
+    with open(folder / 'summary.csv') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope='module')
+def trained(cifar_small, tmp_path_factory):
+    """Train the small AFT-conv for 4 epochs on 2,000 CIFAR-10 images, evaluate on 500 held-out ones."""
+    out = tmp_path_factory.mktemp('train')
+    _aft_vit('train', '--data-dir', cifar_small, *SMALL_MODEL, '-b', 64, '--epochs', 4, '--warmup-epochs', 1,
+             '--lr', 2e-3, '--smoothing', 0, '--hflip', 0.5, '--scale', 0.6, 1.0, '--output', out,
+             '--experiment', 'run', '--no-progress', '-j', 2)
+    return out / 'run'
+
+
+def test_training_lowers_loss_and_beats_chance(trained):
+    rows = _summary(trained)
+    assert [int(r['epoch']) for r in rows] == [0, 1, 2, 3]
+    losses = [float(r['train_loss']) for r in rows]
+    assert losses[-1] < losses[0] - 0.2, f'train loss did not go down: {losses}'
+    top1 = max(float(r['eval_top1']) for r in rows)
+    assert top1 > 25., f'held-out top-1 {top1}% is not clearly above chance (10%)'
+    for name in ('last.pth.tar', 'model_best.pth.tar', 'args.yaml'):
+        assert (trained / name).is_file()
+
+
+def test_eval_on_checkpoint_reports_the_training_accuracy(trained, cifar_small, tmp_path):
+    best = torch.load(trained / 'model_best.pth.tar', weights_only=True)
+    best_row = next(r for r in _summary(trained) if int(r['epoch']) == best['epoch'])
+    result = _aft_vit('eval', '--checkpoint', trained / 'model_best.pth.tar', '--data-dir', cifar_small,
+                      '--json', tmp_path / 'eval.json', '--no-progress', '-j', 2)
+    metrics = json.loads((tmp_path / 'eval.json').read_text())
+    assert metrics['images'] == 500
+    assert metrics['top1'] == pytest.approx(float(best_row['eval_top1']), abs=1e-9)
+    assert metrics['top5'] == pytest.approx(float(best_row['eval_top5']), abs=1e-9)
+    assert metrics['loss'] == pytest.approx(float(best_row['eval_loss']), rel=1e-5)
+    assert 'top1' in result.stdout and metrics['img_per_sec'] > 0
+
+
+def test_predict_names_the_classes(trained, cifar_small):
+    images = sorted((cifar_small / 'test' / 'cat').iterdir())[:2]
+    result = _aft_vit('predict', '--checkpoint', trained / 'model_best.pth.tar', *images, '--topk', 3, '--json')
+    out = json.loads(result.stdout)
+    classes = sorted(p.name for p in (cifar_small / 'train').iterdir())
+    assert [r['image'] for r in out] == [str(p) for p in images]
+    for r in out:
+        assert len(r['predictions']) == 3 and all(p['label'] in classes for p in r['predictions'])
+        probs = [p['probability'] for p in r['predictions']]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+
+
+RESUME_ARGS = [*small_model(2), '-b', 32, '--epochs', 2, '--warmup-epochs', 1,
+               '--lr', 1e-3, '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', 0.25, '--mixup', 0.8, '--cutmix', 1.0,
+               '--drop-path', 0.1, '--model-ema', '--model-ema-decay', 0.9, '--no-progress', '-j', 2]
+
+
+def test_resume_after_a_kill_gives_identical_weights(cifar_tiny, tmp_path):
+    """2 epochs straight == 1 epoch, killed (SIGKILL) right after its checkpoint, then --resume for the rest."""
+    _aft_vit('train', '--data-dir', cifar_tiny, *RESUME_ARGS, '--output', tmp_path, '--experiment', 'straight')
+
+    run = tmp_path / 'killed'
+    cmd = [sys.executable, '-m', 'aft_vit', 'train', '--data-dir', cifar_tiny, *RESUME_ARGS, '--output', tmp_path,
+           '--experiment', 'killed']
+    proc = subprocess.Popen(list(map(str, cmd)), env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (run / 'last.pth.tar').exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    first = torch.load(run / 'last.pth.tar', weights_only=True)  # whole, despite the kill
+    assert first['epoch'] == 0, 'the kill came too late to test resuming'
+    _aft_vit('train', '--data-dir', cifar_tiny, *RESUME_ARGS, '--output', tmp_path, '--experiment', 'killed',
+             '--resume', run / 'last.pth.tar')
+
+    straight = torch.load(tmp_path / 'straight' / 'last.pth.tar', weights_only=True)
+    resumed = torch.load(run / 'last.pth.tar', weights_only=True)
+    assert resumed['epoch'] == straight['epoch'] == 1
+    for key in ('state_dict', 'state_dict_ema'):
+        for name, tensor in straight[key].items():
+            assert torch.equal(tensor, resumed[key][name]), f'{key}.{name} differs after resume'
+    assert straight['optimizer']['state'].keys() == resumed['optimizer']['state'].keys()
+    assert [r['epoch'] for r in _summary(run)] == ['0', '1']
+    assert _summary(run)[1]['train_loss'] == _summary(tmp_path / 'straight')[1]['train_loss']
+
+
+def test_torchrun_two_processes_match_one_process(cifar_tiny, tmp_path):
+    """One step per epoch over all 320 images: 2 ranks x 160 must equal 1 process x 320 (DDP averages gradients)."""
+    torchrun = Path(sys.executable).with_name('torchrun')
+    runs = {}
+    for nproc in (1, 2):
+        cmd = [torchrun, f'--nproc_per_node={nproc}', '--master_addr=127.0.0.1', f'--master_port={29600 + nproc}',
+               '-m', 'aft_vit', 'train', '--data-dir', cifar_tiny, *SMALL_MODEL, '-b', 320 // nproc,
+               '--epochs', 3, '--warmup-epochs', 0, '--lr', 1e-3, '--no-aug', '--smoothing', 0, '--val-split', '',
+               '--output', tmp_path, '--experiment', f'n{nproc}', '--no-progress', '-j', 0]
+        result = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600, cwd=ROOT,
+                                env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[nproc] = (result.stdout, torch.load(tmp_path / f'n{nproc}' / 'last.pth.tar', weights_only=True))
+    assert 'parameters across 2 ranks: max |difference| 0' in runs[2][0]
+    single, double = runs[1][1]['state_dict'], runs[2][1]['state_dict']
+    for name in single:
+        torch.testing.assert_close(double[name], single[name], rtol=1e-4, atol=1e-5)
+    losses = [[float(r['train_loss']) for r in _summary(tmp_path / f'n{n}')] for n in (1, 2)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5) and losses[0][-1] < losses[0][0]
+
+
+def test_run_module_runs_a_timm_script(tmp_path):
+    script = tmp_path / 'script.py'
+    script.write_text(
+        'import sys, timm\n'
+        'model = timm.create_model("aft_conv_tiny")\n'
+        'print(__name__, sys.argv[1:], sum(p.numel() for p in model.parameters()))\n')
+    result = subprocess.run([sys.executable, '-m', 'aft_vit.run', str(script), '--model', 'aft_conv_tiny'],
+                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ['__main__', "['--model',", "'aft_conv_tiny']", '5356072']
+
+
+def _one_line_error(capsys, argv, expected):
+    code = cli_main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
+    assert expected in err, err
+    return err
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, cifar_tiny, capsys):
+    _one_line_error(capsys, ['train', '--data-dir', str(tmp_path / 'nowhere')], 'does not exist')
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    _one_line_error(capsys, ['train', '--data-dir', str(empty)], "no 'train' split")
+    (empty / 'train' / 'cat').mkdir(parents=True)
+    (empty / 'val' / 'cat').mkdir(parents=True)
+    _one_line_error(capsys, ['train', '--data-dir', str(empty)], f'class folder {empty / "train" / "cat"} has no images')
+    broken = tmp_path / 'broken'
+    for split in ('train', 'val'):
+        (broken / split / 'cat').mkdir(parents=True)
+        (broken / split / 'cat' / 'fine.png').write_bytes((cifar_tiny / 'train' / 'cat').iterdir().__next__()
+                                                          .read_bytes())
+    (broken / 'train' / 'cat' / 'bad.jpg').write_bytes(b'not an image at all')
+    _one_line_error(capsys, ['train', '--data-dir', str(broken)], f'unreadable image file {broken}/train/cat/bad.jpg')
+    _one_line_error(capsys, ['train', '--data-dir', str(cifar_tiny), '--model', 'aft_conv_gigantic'],
+                    "unknown model 'aft_conv_gigantic'")
+    other = tmp_path / 'other.pth.tar'
+    torch.save(dict(arch='aft_full_tiny', epoch=0, version=2, state_dict={}), other)
+    _one_line_error(capsys, ['train', '--data-dir', str(cifar_tiny), *SMALL_MODEL, '--resume', str(other)],
+                    'is for aft_full_tiny, not aft_conv_tiny')
+    _one_line_error(capsys, ['eval', '--data-dir', str(cifar_tiny), '--checkpoint', str(tmp_path / 'missing.pth')],
+                    'does not exist')
+    _one_line_error(capsys, ['predict', '--model', 'aft_conv_tiny', 'x.jpg'], 'No pretrained weights')
+
+
+def test_cli_process_exit_code_without_traceback(tmp_path):
+    result = _aft_vit('train', '--data-dir', tmp_path / 'nowhere', check=False)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert result.stderr.strip().startswith('aft-vit train: error:')
+
+
+RECIPES = sorted((ROOT / 'recipes').rglob('*.yaml'))
+DEIT = dict(epochs=300, opt='adamw', lr_base=5e-4, lr_base_size=512, weight_decay=0.05, sched='cosine',
+            warmup_epochs=5, smoothing=0.1, drop_path=0.1, aa='rand-m9-mstd0.5-inc1', mixup=0.8, cutmix=1.0,
+            reprob=0.25, aug_repeats=3)
+
+
+@pytest.mark.parametrize('recipe', RECIPES, ids=[str(p.relative_to(ROOT)) for p in RECIPES])
+def test_recipes_use_train_argument_names(recipe):
+    cfg = yaml.safe_load(recipe.read_text())
+    known = {a.dest for a in train_parser()._actions}
+    assert set(cfg) <= known, f'{recipe.name}: not timm train.py argument names: {set(cfg) - known}'
+    args = parse_args(['--config', str(recipe), '--data-dir', 'somewhere'])
+    for key, value in cfg.items():
+        assert getattr(args, key) == value
+
+
+def test_imagenet_recipes_cover_every_model_with_deits_recipe():
+    import timm
+    imagenet = ROOT / 'recipes' / 'imagenet'
+    for name in timm.list_models('aft_*'):
+        cfg = yaml.safe_load((imagenet / f'{name}.yaml').read_text())
+        assert cfg['model'] == name and cfg['img_size'] == 224
+        assert {k: cfg[k] for k in DEIT} == DEIT
+    finetune = yaml.safe_load((imagenet / 'aft_conv_base_k25_finetune_from_deit_base_384.yaml').read_text())
+    assert (finetune['model'], finetune['img_size'], finetune['batch_size'], finetune['epochs']) == \
+        ('aft_conv_base_k25', 384, 64, 100)
