@@ -22,11 +22,19 @@ def test_usage_example_runs_and_prints_what_it_claims():
     assert 'torch.Size([2, 10])' in out
 
 
-def test_ci_runs_the_readme_commands():
+def test_ci_runs_the_readme_setup_and_test_commands():
     ci = (ROOT / '.ci' / 'run').read_text(encoding='utf-8')
-    for block in _blocks('bash'):
-        for line in block.strip().splitlines():
-            assert line in ci, f'README command {line!r} is not what .ci/run runs'
+    setup = _blocks('bash')[0]
+    tests = next(b for b in _blocks('bash') if 'pytest' in b)
+    for line in setup.strip().splitlines() + tests.strip().splitlines():
+        assert line in ci, f'README command {line!r} is not what .ci/run runs'
+
+
+def test_readme_main_job_uses_the_shipped_recipe_and_data():
+    main_job = next(b for b in _blocks('bash') if 'aft-vit train' in b).strip()
+    assert '../shared/data/cifar10-jpg.zip' in main_job
+    recipe = re.search(r'--config (\S+)', main_job).group(1)
+    assert (ROOT / recipe).is_file()
 
 
 def test_readme_parameter_column_matches_models(capsys):

@@ -222,3 +222,14 @@ def test_imagenet_recipes_cover_every_model_with_deits_recipe():
     finetune = yaml.safe_load((imagenet / 'aft_conv_base_k25_finetune_from_deit_base_384.yaml').read_text())
     assert (finetune['model'], finetune['img_size'], finetune['batch_size'], finetune['epochs']) == \
         ('aft_conv_base_k25', 384, 64, 100)
+
+
+def test_cifar_recipe_trains(cifar_tiny, tmp_path):
+    """The README's main job, cut to one epoch of a 1-block model on 320 images: the recipe runs end to end."""
+    _aft_vit('train', '--config', ROOT / 'recipes' / 'cifar10' / 'aft_conv_tiny.yaml', '--data-dir', cifar_tiny,
+             '--model-kwargs', 'patch_size=4', 'depth=1', '--epochs', 1, '--output', tmp_path, '--experiment', 'r',
+             '--no-progress')
+    row = _summary(tmp_path / 'r')[0]
+    assert float(row['eval_top1']) >= 0 and float(row['train_loss']) > 0
+    args = yaml.safe_load((tmp_path / 'r' / 'args.yaml').read_text())
+    assert (args['img_size'], args['aa'], args['num_classes']) == (32, 'rand-m9-mstd0.5-inc1', 10)
