@@ -56,12 +56,14 @@ def _models_main(argv: List[str]) -> int:
 
 
 def _subcommands():
-    from . import evaluate, predict, train
+    from . import convert, evaluate, hub, predict, train
     return {
         'models': (_models_main, 'list the AFT models registered in timm, with their parameter counts'),
         'train': (train.main, 'train or fine-tune a model on an ImageFolder tree (timm train.py arguments)'),
         'eval': (evaluate.main, 'top-1 / top-5 / loss / img/s of a model on an ImageFolder split'),
         'predict': (predict.main, 'top-k labels of a model for image files'),
+        'publish': (hub.main, 'write a Hub model folder (config.json, model.safetensors, card) from a checkpoint'),
+        'convert': (convert.main, 'initialize an AFT model from a timm ViT / DeiT checkpoint'),
     }
 
 

@@ -3,3 +3,7 @@
 
 class UserInputError(Exception):
     """Something the user passed (a path, a model name, a checkpoint) cannot be used; the message says why and what to do."""
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights could not be loaded: names the file (or Hub repository) and the problem."""

@@ -11,7 +11,7 @@ import sys
 import time
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -75,17 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
-    checkpoint = load_checkpoint_file(args.checkpoint) if args.checkpoint else None
+def load_model(
+        args: argparse.Namespace,
+        checkpoint: Optional[Dict[str, Any]] = None,
+) -> Tuple[torch.nn.Module, Optional[Dict[str, Any]]]:
+    """The model named by ``args`` with its weights; arguments a training checkpoint carries fill the gaps.
+
+    ``checkpoint``: the already loaded contents of ``args.checkpoint``, if the caller has them.
+    """
+    if checkpoint is None and args.checkpoint:
+        checkpoint = load_checkpoint_file(args.checkpoint)
     trained_with = (checkpoint or {}).get('args') or {}
     for key in _FROM_TRAINING:
         if getattr(args, key) is None and trained_with.get(key) is not None:
             setattr(args, key, trained_with[key])
     if not args.model:
         raise UserInputError('no model: pass --model NAME (or a --checkpoint written by aft-vit train)')
-
-    split_dir = resolve_split_dir(args.data_dir, args.split)
-    classes = check_image_folder(split_dir, verify_images=False)
     kwargs = dict(args.model_kwargs or {})
     if args.img_size is not None:
         kwargs.setdefault('img_size', args.img_size)
@@ -97,6 +102,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     model = create_model_checked(args.model, pretrained=checkpoint is None, **kwargs)
     if checkpoint is not None:
         load_weights(model, args.checkpoint, args.model, use_ema=args.use_ema, checkpoint=checkpoint)
+    return model, checkpoint
+
+
+def run(args: argparse.Namespace, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+    """Evaluate on ``args.split``; returns the metrics and the data config the images were prepared with."""
+    split_dir = resolve_split_dir(args.data_dir, args.split)
+    classes = check_image_folder(split_dir, verify_images=False)
+    if model is None:
+        model, _ = load_model(args)
     if model.num_classes != len(classes):
         raise UserInputError(f'{args.model} predicts {model.num_classes} classes but {split_dir} has {len(classes)} '
                              'class folders; pass --num-classes or evaluate on the matching dataset')
@@ -113,7 +127,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         else nullcontext
     metrics = evaluate(model, loader, device=device, amp_autocast=amp, progress=not args.no_progress)
     return dict(model=args.model, checkpoint=args.checkpoint or None, split=str(split_dir), images=len(dataset),
-                **metrics)
+                data_config=data_config, **metrics)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -123,7 +137,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f'top5 {results["top5"]:.3f} loss {results["loss"]:.4f} ({results["img_per_sec"]:.1f} img/s)')
     if args.json:
         with open(args.json, 'w', encoding='utf-8') as f:
-            json.dump(results, f, indent=2)
+            json.dump({k: v for k, v in results.items() if k != 'data_config'}, f, indent=2)
     return 0
 
 

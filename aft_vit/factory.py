@@ -5,13 +5,15 @@ import timm
 import torch
 
 from .checkpoint import check_architecture, load_checkpoint_file
-from .errors import UserInputError
+from .errors import PretrainedWeightsError, UserInputError
 
 
 def create_model_checked(name: str, **kwargs: Any) -> torch.nn.Module:
     """``timm.create_model`` that turns an unknown name into a one-line UserInputError."""
     try:
         return timm.create_model(name, **kwargs)
+    except PretrainedWeightsError as e:
+        raise UserInputError(str(e)) from None
     except RuntimeError as e:
         if 'Unknown model' in str(e):
             raise UserInputError(f'unknown model {name!r}; `aft-vit models` lists the AFT ones, '

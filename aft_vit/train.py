@@ -15,6 +15,8 @@ import argparse
 import logging
 import math
 import os
+import shlex
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -473,6 +475,8 @@ def _rank_divergence(model: torch.nn.Module) -> float:
 
 def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    args.command = 'aft-vit train ' + shlex.join(argv)  # recorded in checkpoints and model cards
     train(args)
     return 0

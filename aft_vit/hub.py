@@ -1,0 +1,202 @@
+"""``aft-vit publish``: turn a training checkpoint into a Hugging Face Hub model repository folder in timm's format.
+
+``weights/<model>.<tag>/`` gets ``config.json`` (timm's ``save_for_hf``: architecture, num_classes, model args,
+pretrained_cfg with label names, mean / std, input size, crop), ``model.safetensors`` (no pickles) and a model
+card ``README.md`` whose accuracy is measured here, by ``aft-vit eval`` on a named split, never typed in. The
+weight file's sha256 goes into ``weights/SHA256SUMS`` (``sha256sum -c`` format), which the tests check.
+The folder is assembled in a temporary folder and moved into place at the end.
+"""
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import timm
+from timm.models import save_for_hf
+
+import aft_vit
+from . import evaluate
+from .checkpoint import load_checkpoint_file
+from .errors import UserInputError
+
+SUMS_FILE = 'SHA256SUMS'
+CITATION = '''@article{zhai2021attention,
+  title={An Attention Free Transformer},
+  author={Zhai, Shuangfei and Talbott, Walter and Srivastava, Nitish and Huang, Chen and Goh, Hanlin and Zhang, Ruixiang and Susskind, Josh},
+  journal={arXiv preprint arXiv:2105.14103},
+  year={2021}
+}'''
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _model_card(name: str, model, results: Dict[str, Any], trained_with: Dict[str, Any], args, sha: str) -> str:
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    size = results['data_config']['input_size']
+    split = Path(results['split']).name
+    command = trained_with.get('command') or '(not recorded in the checkpoint)'
+    recipe = trained_with.get('config') or '(command-line arguments only)'
+    repo = args.repo_id or f'ORG/{name}'
+    return f'''---
+library_name: timm
+license: {args.license}
+tags:
+- image-classification
+- timm
+- aft_vit
+- attention-free-transformer
+datasets:
+- {args.dataset_id}
+metrics:
+- accuracy
+---
+# {name}
+
+An Attention Free Transformer (Zhai et al., 2021, [arXiv:2105.14103](https://arxiv.org/abs/2105.14103)) image
+classifier, `{model.pretrained_cfg.get('architecture', args.model)}` from
+[aft_vit](https://pypi.org/project/aft-vit/), a timm plugin: {params:.2f}M parameters, input
+{size[1]}x{size[2]}, {model.num_classes} classes.
+
+## Training data
+
+Trained on **{args.dataset_name}**, nothing else (no ImageNet pre-training unless the command below says so).
+
+## Evaluation
+
+Measured by `aft-vit eval` when this folder was published (aft_vit {aft_vit.__version__}, timm {timm.__version__}):
+
+| split | images | top-1 | top-5 | loss |
+| --- | --- | --- | --- | --- |
+| {split} | {results['images']} | {results['top1']:.2f} | {results['top5']:.2f} | {results['loss']:.4f} |
+
+Weights: {'the EMA weights' if args.ema_used else 'the trained weights'} of `{Path(args.checkpoint).name}`
+(epoch {args.epoch}); `model.safetensors` sha256 `{sha}`.
+
+## Training command
+
+Recipe: `{recipe}`
+
+```bash
+{command}
+```
+
+## Usage
+
+```python
+import timm, torch
+import aft_vit  # registers the aft models in timm: import it first
+
+model = timm.create_model('hf-hub:{repo}', pretrained=True).eval()
+config = timm.data.resolve_data_config({{}}, model=model)
+transform = timm.data.create_transform(**config)
+# probabilities = model(transform(image).unsqueeze(0)).softmax(-1)
+```
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+'''
+
+
+def _write_sums(root: Path, name: str, sha: str) -> None:
+    """Record ``sha`` for ``name`` in ``root/SHA256SUMS``, replacing an older line, atomically."""
+    path = root / SUMS_FILE
+    entry = f'{name}/model.safetensors'
+    lines = [ln for ln in (path.read_text().splitlines() if path.exists() else []) if not ln.endswith('  ' + entry)]
+    lines = sorted(lines + [f'{sha}  {entry}'], key=lambda ln: ln.split('  ', 1)[1])
+    tmp = path.with_name(f'.{SUMS_FILE}.tmp')
+    tmp.write_text('\n'.join(lines) + '\n')
+    os.replace(tmp, path)
+
+
+def publish(args: argparse.Namespace) -> Path:
+    """Evaluate the checkpoint, write the repository folder, record its sha256, optionally push it."""
+    checkpoint = load_checkpoint_file(args.checkpoint)
+    args.ema_used = checkpoint.get('state_dict_ema') is not None and not args.no_ema
+    eval_args = evaluate.build_parser().parse_args(
+        ['--checkpoint', args.checkpoint, '--data-dir', args.data_dir, '--split', args.split, '--no-progress',
+         '-b', str(args.batch_size), '-j', str(args.workers)] + (['--use-ema'] if args.ema_used else []))
+    model, _ = evaluate.load_model(eval_args, checkpoint=checkpoint)
+    args.model, args.epoch = eval_args.model, checkpoint.get('epoch')
+    name = f'{eval_args.model.split(".")[0]}.{args.tag}'
+    out_root = Path(args.output)
+    final = out_root / name
+    if final.exists() and not args.force:
+        raise UserInputError(f'{final} already exists; pass --force to replace it')
+
+    results = evaluate.run(eval_args, model=model.eval())
+    trained_with = checkpoint.get('args') or {}
+    label_names = checkpoint.get('label_names') or None
+    data_config = {k: results['data_config'][k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct')}
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{name}.', dir=out_root))
+    try:
+        model.cpu()
+        save_for_hf(model, tmp, model_config=dict(label_names=label_names) if label_names else None,
+                    safe_serialization=True, data_config=data_config)
+        sha = sha256_of(tmp / 'model.safetensors')
+        (tmp / 'README.md').write_text(_model_card(name, model, results, trained_with, args, sha), encoding='utf-8')
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_sums(out_root, name, sha)
+    print(f'{final}: top-1 {results["top1"]:.2f} on {results["images"]} {Path(results["split"]).name} images, '
+          f'sha256 {sha}')
+    if args.push:
+        push(final, args.repo_id)
+    return final
+
+
+def push(folder: Path, repo_id: Optional[str]) -> str:
+    """Upload a published folder to the Hub (token from the usual huggingface_hub sources)."""
+    if not repo_id:
+        raise UserInputError('--push needs --repo-id ORG/NAME')
+    from huggingface_hub import HfApi
+    api = HfApi(library_name='aft_vit', library_version=aft_vit.__version__)
+    api.create_repo(repo_id, exist_ok=True)
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=f'Add {folder.name}')
+    print(f'pushed {folder} to {repo_id}')
+    return str(commit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='aft-vit publish', description=__doc__.split('\n\n')[0])
+    parser.add_argument('--checkpoint', required=True, help='training checkpoint (aft-vit train or timm train.py)')
+    parser.add_argument('--tag', required=True, help='pretrained tag, e.g. cifar10: the folder is <model>.<tag>')
+    parser.add_argument('--data-dir', required=True, help='ImageFolder root of the evaluation data')
+    parser.add_argument('--split', default='validation', help="evaluation split ('val' or 'test' are found too)")
+    parser.add_argument('--dataset-name', required=True, help='the training data, named honestly, for the model card')
+    parser.add_argument('--dataset-id', required=True, help='Hub dataset id for the card metadata, e.g. cifar10')
+    parser.add_argument('--license', default='apache-2.0')
+    parser.add_argument('--output', default='weights', help='parent folder of the repository folders')
+    parser.add_argument('--no-ema', action='store_true', help='publish the trained weights even if EMA weights exist')
+    parser.add_argument('--force', action='store_true', help='replace an existing folder')
+    parser.add_argument('--push', action='store_true', help='upload the folder to the Hub')
+    parser.add_argument('--repo-id', default=None, help='Hub repository, ORG/NAME (for --push and the card)')
+    parser.add_argument('-b', '--batch-size', type=int, default=128)
+    parser.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1))
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    publish(build_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

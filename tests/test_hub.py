@@ -1,0 +1,283 @@
+"""Publishing (aft-vit publish), loading back every way timm loads weights, and converting DeiT checkpoints.
+
+The Hub paths run against a real Hub-compatible server on 127.0.0.1 (olah, tests/hub_server.py) with an empty
+HF_HOME, so huggingface_hub's real download, cache and offline-reuse code runs.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import yaml
+
+import aft_vit  # noqa: F401
+from aft_vit.errors import PretrainedWeightsError
+from aft_vit.hub import SUMS_FILE, sha256_of
+from tests.hub_server import HubServer
+from tests.test_training import _aft_vit, small_model
+
+ROOT = Path(__file__).resolve().parent.parent
+X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+PUBLISH = ['--dataset-name', 'CIFAR-10 (JPEG q75 copy), 320-image subset', '--dataset-id', 'cifar10', '--split', 'test',
+           '-j', 0]
+
+
+def _reference(checkpoint: Path, ema: bool = False) -> torch.nn.Module:
+    """The model a checkpoint describes, built directly (not through any hub path)."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    a = ckpt['args']
+    model = timm.create_model(a['model'], num_classes=a['num_classes'], **dict(dict(img_size=a['img_size']), **a['model_kwargs']))
+    model.load_state_dict(ckpt['state_dict_ema' if ema else 'state_dict'])
+    return model.eval()
+
+
+@pytest.fixture(scope='module')
+def checkpoint(cifar_tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp('hubtrain')
+    _aft_vit('train', '--data-dir', cifar_tiny, *small_model(1), '-b', 32, '--epochs', 1, '--lr', 1e-3,
+             '--no-aug', '--model-ema', '--model-ema-decay', 0.5, '--output', out, '--experiment', 'r',
+             '--no-progress', '-j', 0)
+    return out / 'r' / 'last.pth.tar'
+
+
+@pytest.fixture(scope='module')
+def published(checkpoint, cifar_tiny, tmp_path_factory) -> Path:
+    weights = tmp_path_factory.mktemp('weights')
+    _aft_vit('publish', '--checkpoint', checkpoint, '--tag', 'olahtest', '--data-dir', cifar_tiny, *PUBLISH,
+             '--output', weights)
+    return weights / 'aft_conv_tiny.olahtest'
+
+
+def test_publish_writes_timm_hub_folder(published, checkpoint, cifar_tiny, tmp_path):
+    assert sorted(p.name for p in published.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
+    config = json.loads((published / 'config.json').read_text())
+    classes = sorted(p.name for p in (cifar_tiny / 'train').iterdir())
+    assert config['architecture'] == 'aft_conv_tiny' and config['num_classes'] == 10
+    assert config['label_names'] == classes
+    assert config['model_args']['patch_size'] == 4 and config['model_args']['depth'] == 1
+    pcfg = config['pretrained_cfg']
+    assert pcfg['input_size'] == [3, 32, 32] and pcfg['crop_pct'] == 1.0
+    assert pcfg['mean'] == pytest.approx([0.4914, 0.4822, 0.4465]) and pcfg['std'] == pytest.approx([0.247, 0.2435, 0.2616])
+    # EMA weights are what gets published when the checkpoint has them
+    published_sd = safetensors.torch.load_file(published / 'model.safetensors')
+    ema = _reference(checkpoint, ema=True).state_dict()
+    assert all(torch.equal(published_sd[k], ema[k]) for k in ema)
+
+    sums = (published.parent / SUMS_FILE).read_text().split()
+    assert sums == [sha256_of(published / 'model.safetensors'), 'aft_conv_tiny.olahtest/model.safetensors']
+    card = (published / 'README.md').read_text()
+    front = yaml.safe_load(card.split('---')[1])
+    assert front['library_name'] == 'timm' and front['license'] and front['datasets'] == ['cifar10']
+    assert 'accuracy' in front['metrics'] and 'image-classification' in front['tags']
+    assert 'CIFAR-10 (JPEG q75 copy)' in card and 'import aft_vit' in card and '2105.14103' in card
+    assert 'aft-vit train ' in card  # the exact training command, recorded by the training run
+    _aft_vit('eval', '--checkpoint', checkpoint, '--use-ema', '--data-dir', cifar_tiny, '--split', 'test',
+             '--json', tmp_path / 'e.json', '--no-progress', '-j', 0)
+    top1 = json.loads((tmp_path / 'e.json').read_text())['top1']
+    assert f'| test | 100 | {top1:.2f} |' in card
+
+
+def test_publish_refuses_to_overwrite_and_leaves_nothing_half_written(published, checkpoint, cifar_tiny):
+    before = sha256_of(published / 'model.safetensors')
+    result = _aft_vit('publish', '--checkpoint', checkpoint, '--tag', 'olahtest', '--data-dir', cifar_tiny, *PUBLISH,
+                      '--output', published.parent, check=False)
+    assert result.returncode == 2 and 'already exists; pass --force' in result.stderr
+    result = _aft_vit('publish', '--checkpoint', checkpoint, '--tag', 'other', '--data-dir', cifar_tiny, *PUBLISH[:-3],
+                      '--split', 'nosuchsplit', '--output', published.parent, check=False)
+    assert result.returncode == 2
+    assert sorted(p.name for p in published.parent.iterdir()) == [SUMS_FILE, 'aft_conv_tiny.olahtest']
+    _aft_vit('publish', '--checkpoint', checkpoint, '--tag', 'olahtest', '--data-dir', cifar_tiny, *PUBLISH,
+             '--output', published.parent, '--force')
+    assert sha256_of(published / 'model.safetensors') == before  # same weights, same file
+    assert len((published.parent / SUMS_FILE).read_text().splitlines()) == 1
+
+
+def test_push_uploads_the_folder(published, monkeypatch):
+    import huggingface_hub
+    calls = []
+
+    class FakeApi:
+        def __init__(self, **kwargs):
+            calls.append(('init', kwargs))
+
+        def create_repo(self, repo_id, exist_ok=False):
+            calls.append(('create_repo', repo_id, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls.append(('upload_folder', repo_id, sorted(os.listdir(folder_path))))
+            return 'commit'
+    monkeypatch.setattr(huggingface_hub, 'HfApi', FakeApi)
+    from aft_vit.hub import push
+    push(published, 'some-org/aft_conv_tiny.olahtest')
+    assert ('create_repo', 'some-org/aft_conv_tiny.olahtest', True) in calls
+    assert ('upload_folder', 'some-org/aft_conv_tiny.olahtest', ['README.md', 'config.json', 'model.safetensors']) in calls
+
+
+def test_local_dir_and_file_overlay_load_the_published_weights(published, checkpoint):
+    expected = _reference(checkpoint, ema=True)(X32)
+    local = timm.create_model(f'local-dir:{published}', pretrained=True).eval()
+    torch.testing.assert_close(local(X32), expected)
+    assert local.pretrained_cfg['label_names'][3] == 'cat'
+    overlay = timm.create_model('aft_conv_tiny', pretrained=True, num_classes=10, img_size=32, patch_size=4, depth=1,
+                                pretrained_cfg_overlay=dict(file=str(published / 'model.safetensors'), num_classes=10)).eval()
+    torch.testing.assert_close(overlay(X32), expected)
+
+
+def test_loading_adapts_head_channels_and_size(published, checkpoint):
+    source = _reference(checkpoint, ema=True)
+    five = timm.create_model(f'local-dir:{published}', pretrained=True, num_classes=5).eval()
+    assert five(X32).shape == (2, 5)
+    torch.testing.assert_close(five.forward_features(X32), source.forward_features(X32))
+    gray = timm.create_model(f'local-dir:{published}', pretrained=True, in_chans=1).eval()
+    torch.testing.assert_close(gray.patch_embed.proj.weight, source.patch_embed.proj.weight.sum(dim=1, keepdim=True))
+    bigger = timm.create_model(f'local-dir:{published}', pretrained=True, img_size=64).eval()
+    x64 = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(bigger(x64), source(x64))  # AFT-conv: nothing to resample
+
+
+def test_loading_resamples_position_parameters(cifar_tiny, tmp_path):
+    """An AFT-local model (pos_embed and bias factors) published at 32 px, loaded at 48 px."""
+    model = timm.create_model('aft_local_tiny', num_classes=10, img_size=32, patch_size=4, depth=1).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ckpt = tmp_path / 'local.pth.tar'
+    torch.save(dict(arch='aft_local_tiny', epoch=0, version=2, state_dict=model.state_dict(),
+                    label_names=sorted(p.name for p in (cifar_tiny / 'train').iterdir()),
+                    args=dict(model='aft_local_tiny', num_classes=10, img_size=32, crop_pct=1.0,
+                              model_kwargs=dict(patch_size=4, depth=1))), ckpt)
+    _aft_vit('publish', '--checkpoint', ckpt, '--tag', 'sized', '--data-dir', cifar_tiny, *PUBLISH,
+             '--output', tmp_path / 'weights')
+    loaded = timm.create_model(f'local-dir:{tmp_path / "weights" / "aft_local_tiny.sized"}', pretrained=True,
+                               img_size=48).eval()
+    model.set_input_size(img_size=(48, 48))
+    x48 = torch.randn(1, 3, 48, 48)
+    torch.testing.assert_close(loaded(x48), model(x48), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_weights_get_clear_errors(published, tmp_path):
+    import shutil
+    broken = tmp_path / 'truncated'
+    shutil.copytree(published, broken)
+    data = (broken / 'model.safetensors').read_bytes()
+    (broken / 'model.safetensors').write_bytes(data[:len(data) // 2])
+    with pytest.raises(PretrainedWeightsError, match=rf'cannot load {broken}.*truncated or corrupt'):
+        timm.create_model(f'local-dir:{broken}', pretrained=True)
+
+    other = tmp_path / 'other_arch'
+    shutil.copytree(published, other)
+    config = json.loads((other / 'config.json').read_text())
+    config['architecture'] = 'aft_full_tiny'
+    (other / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(PretrainedWeightsError, match=rf'weights in {other} are not aft_full_tiny weights: .*missing'):
+        timm.create_model(f'local-dir:{other}', pretrained=True)
+
+    missing = tmp_path / 'missing'
+    shutil.copytree(published, missing)
+    (missing / 'model.safetensors').unlink()
+    with pytest.raises(PretrainedWeightsError, match=rf'cannot load {missing}'):
+        timm.create_model(f'local-dir:{missing}', pretrained=True)
+
+    with pytest.raises(PretrainedWeightsError, match=r'are not aft_conv_small weights: .*of another shape'):
+        timm.create_model('aft_conv_small', pretrained=True, num_classes=10, img_size=32, patch_size=4, depth=1,
+                          pretrained_cfg_overlay=dict(file=str(published / 'model.safetensors')))
+
+
+LOAD_SCRIPT = '''
+import json, sys, torch, timm
+import aft_vit
+sys.path.insert(0, {root!r})
+import tests.hub_test_models  # the registry tag with an hf_hub_id
+model = timm.create_model(sys.argv[1], pretrained=True).eval()
+x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+print(json.dumps(model(x).tolist()))
+'''
+
+
+def _load_via_hub(name: str, endpoint: str, hf_home: Path, offline: bool = False):
+    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), PYTHONPATH=str(ROOT),
+               HF_HUB_DISABLE_TELEMETRY='1')
+    env.pop('HF_TOKEN', None)
+    if offline:
+        env['HF_HUB_OFFLINE'] = '1'
+    result = subprocess.run([sys.executable, '-c', LOAD_SCRIPT.format(root=str(ROOT)), name], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+@pytest.fixture(scope='module')
+def hub(published, tmp_path_factory):
+    server = HubServer(tmp_path_factory.mktemp('olah')).start()
+    server.add_repo('aft-vit-test/aft_conv_tiny.olahtest', published)
+    server.add_repo('aft-vit-test/aft_conv_tiny_hubtest.olah', published)
+    for folder in sorted((ROOT / 'weights').glob('*.*/')):
+        server.add_repo(f'aft-vit/{folder.name}', folder)
+    yield server
+    server.stop()
+
+
+def test_hf_hub_download_cache_and_offline_reuse(hub, checkpoint, tmp_path):
+    expected = _reference(checkpoint, ema=True)(X32)
+    home = tmp_path / 'hf_home'
+    home.mkdir()
+    online = _load_via_hub('hf-hub:aft-vit-test/aft_conv_tiny.olahtest', hub.url, home)
+    torch.testing.assert_close(online, expected)
+    assert list(home.rglob('model.safetensors')), 'nothing was downloaded into the empty HF_HOME'
+    offline = _load_via_hub('hf-hub:aft-vit-test/aft_conv_tiny.olahtest', 'http://127.0.0.1:9', home, offline=True)
+    torch.testing.assert_close(offline, expected)
+
+
+def test_registry_tag_loads_through_its_hf_hub_id(hub, checkpoint, tmp_path):
+    expected = _reference(checkpoint, ema=True)(X32)
+    home = tmp_path / 'hf_home'
+    home.mkdir()
+    torch.testing.assert_close(_load_via_hub('aft_conv_tiny_hubtest.olah', hub.url, home), expected)
+
+
+def test_every_published_folder_has_a_registry_tag_and_checksum():
+    """weights/<model>.<tag>/ folders and the registry's tags with weights describe the same set."""
+    folders = sorted(p.name for p in (ROOT / 'weights').glob('*.*') if p.is_dir()) if (ROOT / 'weights').is_dir() else []
+    tagged = sorted(timm.list_pretrained('aft_*'))
+    assert folders == tagged
+    if folders:
+        lines = dict(reversed(ln.split('  ')) for ln in (ROOT / 'weights' / SUMS_FILE).read_text().splitlines())
+        for name in folders:
+            assert lines[f'{name}/model.safetensors'] == sha256_of(ROOT / 'weights' / name / 'model.safetensors')
+
+
+def test_convert_deit_checkpoint_then_train(cifar_tiny, tmp_path):
+    deit = timm.create_model('deit_tiny_patch16_224', num_classes=10)
+    with torch.no_grad():
+        for p in deit.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    source = tmp_path / 'deit_tiny.pth'
+    torch.save(deit.state_dict(), source)
+    result = _aft_vit('convert', '--source', source, '--model', 'aft_conv_tiny', '--num-classes', 10,
+                      '--output', tmp_path / 'aft.pth')
+    assert 'left at init' in result.stdout and 'blocks.0.mixer.qkv.weight[q, k rows]' in result.stdout
+    aft = torch.load(tmp_path / 'aft.pth', weights_only=True)['state_dict']
+    d = deit.state_dict()
+    for i in range(12):
+        for name in ('norm1.weight', 'norm1.bias', 'norm2.weight', 'norm2.bias', 'mlp.fc1.weight', 'mlp.fc1.bias',
+                     'mlp.fc2.weight', 'mlp.fc2.bias'):
+            assert torch.equal(aft[f'blocks.{i}.{name}'], d[f'blocks.{i}.{name}'])
+        assert torch.equal(aft[f'blocks.{i}.mixer.proj.weight'], d[f'blocks.{i}.attn.proj.weight'])
+        assert torch.equal(aft[f'blocks.{i}.mixer.qkv.weight'][-192:], d[f'blocks.{i}.attn.qkv.weight'][384:])
+        assert torch.equal(aft[f'blocks.{i}.mixer.qkv.bias'][-192:], d[f'blocks.{i}.attn.qkv.bias'][384:])
+    for name in ('norm.weight', 'norm.bias', 'patch_embed.proj.weight', 'head.weight'):
+        assert torch.equal(aft[name], d[name])
+    _aft_vit('train', '--data-dir', cifar_tiny, '--model', 'aft_conv_tiny', '--img-size', 64, '--initial-checkpoint',
+             tmp_path / 'aft.pth', '-b', 32, '--epochs', 1, '--lr', 1e-4, '--no-aug', '--output', tmp_path,
+             '--experiment', 'ft', '--no-progress', '-j', 0)
+    row = (tmp_path / 'ft' / 'summary.csv').read_text().splitlines()[1].split(',')
+    assert float(row[1]) > 0
+
+    wrong = _aft_vit('convert', '--source', source, '--model', 'aft_conv_small', '--output', tmp_path / 'x.pth',
+                     check=False)
+    assert wrong.returncode == 2 and 'is 192 wide and 12 deep' in wrong.stderr and 'aft_conv_small' in wrong.stderr
