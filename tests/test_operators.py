@@ -55,9 +55,18 @@ def test_aft_local_matches_formula(std, offset, causal, window):
 
 @pytest.mark.parametrize('std,offset', MAGNITUDES)
 @pytest.mark.parametrize('size', [1, 3, 5, 15])
-def test_aft_conv2d_matches_formula(std, offset, size):
+@pytest.mark.parametrize('method', ['conv', 'dense', 'auto'])
+def test_aft_conv2d_matches_formula(std, offset, size, method):
     q, k, v, w = _grid(std=std, offset=offset, size=size)
-    torch.testing.assert_close(aft_conv2d(q, k, v, w), naive_aft_conv2d(q, k, v, w), **EXACT)
+    torch.testing.assert_close(aft_conv2d(q, k, v, w, method=method), naive_aft_conv2d(q, k, v, w), **EXACT)
+
+
+@pytest.mark.parametrize('height,width', [(1, 1), (1, 9), (9, 2), (12, 13)])
+def test_aft_conv2d_paths_agree_on_any_grid(height, width):
+    q, k, v, w = _grid(height=height, width=width, size=5, std=20.)
+    dense = aft_conv2d(q, k, v, w, method='dense')
+    torch.testing.assert_close(aft_conv2d(q, k, v, w, method='conv'), dense, **EXACT)
+    torch.testing.assert_close(dense, naive_aft_conv2d(q, k, v, w), **EXACT)
 
 
 @pytest.mark.parametrize('heads', [1, 2, 8])
@@ -98,7 +107,8 @@ def test_float32_large_magnitudes_do_not_overflow():
         (aft_simple(*f32(q, k, v)), naive_aft(q, k, v, w * 0)),
         (aft_simple(*f32(q, k, v), causal=True), naive_aft(q, k, v, w * 0, causal=True)),
         (aft_local(*f32(q, k, v, w), 4), naive_aft(q, k, v, w * window_1d(w.shape[0], 4))),
-        (aft_conv2d(*f32(qc, kc, vc, wc)), naive_aft_conv2d(qc, kc, vc, wc)),
+        (aft_conv2d(*f32(qc, kc, vc, wc), method='conv'), naive_aft_conv2d(qc, kc, vc, wc)),
+        (aft_conv2d(*f32(qc, kc, vc, wc), method='dense'), naive_aft_conv2d(qc, kc, vc, wc)),
     ]
     for out, expected in cases:
         assert out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -113,7 +123,8 @@ def test_bfloat16_autocast_finite_and_close():
             (aft_full(*f32(q, k, v, w)), naive_aft(q, k, v, w)),
             (aft_simple(*f32(q, k, v)), naive_aft(q, k, v, w * 0)),
             (aft_local(*f32(q, k, v, w), 4), naive_aft(q, k, v, w * window_1d(w.shape[0], 4))),
-            (aft_conv2d(*f32(qc, kc, vc, wc)), naive_aft_conv2d(qc, kc, vc, wc)),
+            (aft_conv2d(*f32(qc, kc, vc, wc), method='conv'), naive_aft_conv2d(qc, kc, vc, wc)),
+            (aft_conv2d(*f32(qc, kc, vc, wc), method='dense'), naive_aft_conv2d(qc, kc, vc, wc)),
         ]
     for out, expected in cases:
         assert torch.isfinite(out).all()
@@ -146,7 +157,8 @@ def test_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(lambda q, k, v: aft_simple(q, k, v), (q, k, v))
     assert torch.autograd.gradcheck(lambda *a: aft_local(*a, 2), (q, k, v, w))
     qc, kc, vc, wc = (x.requires_grad_() for x in _grid(batch=1, height=4, width=3, channels=4, heads=2, size=3))
-    assert torch.autograd.gradcheck(aft_conv2d, (qc, kc, vc, wc))
+    for method in ('conv', 'dense'):
+        assert torch.autograd.gradcheck(lambda *a: aft_conv2d(*a, method=method), (qc, kc, vc, wc))
 
 
 class _ShapeRecorder(TorchDispatchMode):
@@ -178,7 +190,8 @@ def test_simple_and_conv_never_build_token_by_token_tensors():
         assert _largest_tensor(lambda: aft_simple(q, k, v, causal=causal)) < num_tokens * num_tokens // 100
     qc, vc = torch.randn(1, 48, 48, 8), torch.randn(1, 48, 48, 8)
     kc, wc = torch.randn(1, 48, 48, 2), torch.randn(2, 11, 11)
-    assert _largest_tensor(aft_conv2d, qc, kc, vc, wc) < num_tokens * num_tokens // 100
+    assert _largest_tensor(lambda: aft_conv2d(qc, kc, vc, wc, method='conv')) < num_tokens * num_tokens // 100
+    assert _largest_tensor(aft_conv2d, qc, kc, vc, wc) < num_tokens * num_tokens // 100  # 'auto' picks conv here
 
 
 def test_full_and_local_never_build_batch_token_token_channel_tensors():
@@ -196,7 +209,7 @@ def test_conv_work_grows_linearly_in_tokens():
         k, w = torch.randn(1, side, side, 4), torch.randn(4, 11, 11)
         counter = FlopCounterMode(display=False)
         with counter:
-            aft_conv2d(q, k, v, w)
+            aft_conv2d(q, k, v, w, method='conv')
         return counter.get_total_flops()
     small, large = flops(32), flops(128)  # 16x the tokens
     assert large == 16 * small
@@ -224,6 +237,8 @@ def test_local_window_mask_2d_matches_loops():
                         torch.randn(4, 3, 3)), 'k must be'),
     (lambda: aft_conv2d(torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 8),
                         torch.randn(2, 3, 3)), 'weight must be'),
+    (lambda: aft_conv2d(torch.randn(1, 4, 4, 8), torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 8),
+                        torch.randn(4, 3, 3), method='fft'), 'method must be'),
 ])
 def test_bad_input_raises_value_error(call, match):
     with pytest.raises(ValueError, match=match):

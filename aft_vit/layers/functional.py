@@ -207,32 +207,48 @@ def aft_local(
 def _sum_outside_window(x: torch.Tensor, radius: int) -> torch.Tensor:
     """For (B, G, H, W) x: at each (y, x), the sum over positions outside the centred (2r+1)^2 window.
 
-    Built only from sums of the terms themselves (prefix and suffix sums of rows, then
-    of the band of rows the window spans), never as "total minus window": that
-    subtraction cancels catastrophically when the window holds the dominant keys.
+    Built only from sums of the terms themselves (prefix and suffix sums of rows, then of the
+    band of rows the window spans), never as "total minus window": that subtraction cancels
+    catastrophically when the window holds the dominant keys.
     """
-    height, width = x.shape[-2], x.shape[-1]
+    channels = x.shape[1]
     rows = x.sum(dim=-1)  # (B, G, H)
-    above = _exclusive_prefix(rows, height, radius, before=True)
-    below = _exclusive_prefix(rows, height, radius, before=False)
-    band = F.avg_pool2d(
-        x, kernel_size=(2 * radius + 1, 1), stride=1, padding=(radius, 0), divisor_override=1)  # rows y-r..y+r
-    left = _exclusive_prefix(band, width, radius, before=True)
-    right = _exclusive_prefix(band, width, radius, before=False)
-    return (above + below).unsqueeze(-1) + left + right
+    ones = torch.ones(channels, 1, 2 * radius + 1, 1, dtype=x.dtype, device=x.device)
+    band = F.conv2d(x, ones, padding=(radius, 0), groups=channels)  # rows y-r..y+r, a sum of positive terms
+    return (_prefix_before(rows, radius) + _suffix_after(rows, radius)).unsqueeze(-1) \
+        + _prefix_before(band, radius) + _suffix_after(band, radius)
 
 
-def _exclusive_prefix(x: torch.Tensor, size: int, radius: int, before: bool) -> torch.Tensor:
-    """Along the last dim (length ``size``): sum over i' < i - r (before) or i' > i + r (after)."""
-    zero = torch.zeros_like(x.narrow(-1, 0, 1))
-    idx = torch.arange(size, device=x.device)
-    if before:
-        sums = torch.cat([zero, x.cumsum(dim=-1)], dim=-1)  # sums[i] = x[:i].sum()
-        idx = (idx - radius).clamp(0, size)
-    else:
-        sums = torch.cat([x.flip(-1).cumsum(dim=-1).flip(-1), zero], dim=-1)  # sums[i] = x[i:].sum()
-        idx = (idx + radius + 1).clamp(0, size)
-    return sums.index_select(-1, idx)
+def _prefix_before(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Along the last dim: at i, the sum over i' < i - r."""
+    size = x.shape[-1]
+    inclusive = x.narrow(-1, 0, max(size - radius - 1, 0)).cumsum(dim=-1)
+    return F.pad(inclusive, (min(radius + 1, size), 0))
+
+
+def _suffix_after(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Along the last dim: at i, the sum over i' > i + r."""
+    size = x.shape[-1]
+    tail = x.narrow(-1, min(radius + 1, size), max(size - radius - 1, 0))
+    return F.pad(tail.flip(-1).cumsum(dim=-1).flip(-1), (0, min(radius + 1, size)))
+
+
+def _window_bias_dense(table: torch.Tensor, height: int, width: int, kernel_size: int) -> torch.Tensor:
+    """(h, T, T) weights: table[:, (y'-y+r) * s + (x'-x+r)] inside the window, table[:, s*s] outside."""
+    radius = kernel_size // 2
+    ys = torch.arange(height, device=table.device).repeat_interleave(width)
+    xs = torch.arange(width, device=table.device).repeat(height)
+    dy = ys.unsqueeze(0) - ys.unsqueeze(1) + radius  # key row - query row + r
+    dx = xs.unsqueeze(0) - xs.unsqueeze(1) + radius
+    inside = (dy >= 0) & (dy < kernel_size) & (dx >= 0) & (dx < kernel_size)
+    index = torch.where(inside, dy * kernel_size + dx, torch.full_like(dy, kernel_size * kernel_size))
+    return table.index_select(1, index.flatten()).view(table.shape[0], index.shape[0], index.shape[1])
+
+
+def dense_is_cheaper(num_tokens: int, kernel_size: int) -> bool:
+    """The dense (h, T, T) product does T^2 work per channel, the convolution T s^2 but at a far lower rate
+    on a CPU; up to 2 s^2 tokens (measured on a 2-core CPU) the dense product wins."""
+    return num_tokens <= 2 * kernel_size * kernel_size
 
 
 @register_notrace_function
@@ -241,6 +257,7 @@ def aft_conv2d(
         k: torch.Tensor,
         v: torch.Tensor,
         weight: torch.Tensor,
+        method: str = 'auto',
 ) -> torch.Tensor:
     """AFT-conv (paper eq. 6) over a 2-D grid: a per-head s x s bias applied as a depthwise convolution.
 
@@ -250,17 +267,19 @@ def aft_conv2d(
         weight: (h, s, s), s odd. For query (y, x) and key (y', x') the bias is
             ``weight[i, y'-y + s//2, x'-x + s//2]`` inside the window (F.conv2d's
             cross-correlation convention) and 0 outside.
+        method: 'conv' (O(T s^2) work), 'dense' (one (h, T, T) product, faster on small grids)
+            or 'auto' (dense up to 2 s^2 tokens). Both are exact.
 
     Returns:
-        (B, H, W, C), equal to AFT-full with that bias. Cost O(T s^2 C).
+        (B, H, W, C), equal to AFT-full with that bias.
 
-    The paper writes the sums as a convolution with ``exp(w) - 1`` plus the global
-    sum. Here the window part is a convolution with ``exp(w - c)`` and the rest is
-    the sum over keys outside the window times ``exp(-c)``, computed from prefix
-    sums (:func:`_sum_outside_window`): the same O(T s^2) work, but no difference of
-    large sums, so keys and biases of any magnitude stay exact. ``c = max(0, max(w))``
-    per head keeps ``exp`` finite; like K's maximum, it cancels. Numerator and
-    denominator run as one grouped convolution over h * (C/h + 1) channels.
+    The paper writes the sums as a convolution with ``exp(w) - 1`` plus the global sum. Here
+    the window part is a convolution with ``exp(w - c)`` and the rest is the sum over keys
+    outside the window times ``exp(-c)``, computed from prefix sums (:func:`_sum_outside_window`):
+    the same O(T s^2) work, but no difference of large sums, so keys and biases of any
+    magnitude stay exact. ``c = max(0, max(w))`` per head keeps ``exp`` finite; like K's
+    maximum, it cancels. Numerator and denominator share every product: per head, C/h
+    numerator channels and one denominator channel travel together.
     """
     if q.dim() != 4 or v.shape != q.shape:
         raise ValueError(f'aft_conv2d: q and v must both be (B, H, W, C), got q {q.shape}, v {v.shape}')
@@ -276,25 +295,42 @@ def aft_conv2d(
     if channels % num_heads != 0:
         raise ValueError(
             f'aft_conv2d: channels C={channels} must be divisible by the number of heads h={num_heads}')
+    if method not in ('auto', 'conv', 'dense'):
+        raise ValueError(f"aft_conv2d: method must be 'auto', 'conv' or 'dense', got {method!r}")
     head_dim = channels // num_heads
     group = head_dim + 1
+    if method == 'auto':
+        method = 'dense' if dense_is_cheaper(height * width, kernel_size) else 'conv'
 
     shift = weight.detach().amax(dim=[1, 2]).clamp_min(0.)  # (h,)
     window_kernel = torch.exp(weight - shift[:, None, None])  # (h, s, s), in (0, 1]
     outside_weight = torch.exp(-shift)  # (h,)
 
     exp_k = torch.exp(k - k.detach().amax(dim=[1, 2], keepdim=True))  # (B, H, W, h)
+    if method == 'dense':
+        # head-major (h, T, B, d + 1) from the start, so the product needs no transposing copies
+        num_tokens = height * width
+        exp_k_t = exp_k.reshape(batch, num_tokens, num_heads).permute(2, 1, 0).unsqueeze(-1)
+        v_t = v.reshape(batch, num_tokens, num_heads, head_dim).permute(2, 1, 0, 3)
+        stacked = torch.cat([exp_k_t * v_t, exp_k_t], dim=-1)  # (h, T, B, d + 1), contiguous
+        table = torch.cat([window_kernel.flatten(1), outside_weight.unsqueeze(1)], dim=1)
+        bias = _window_bias_dense(table, height, width, kernel_size).to(stacked.dtype)  # (h, T, T)
+        total = torch.bmm(bias, stacked.reshape(num_heads, num_tokens, batch * group))
+        total = total.reshape(num_heads, num_tokens, batch, group)
+        out = _safe_divide(total[..., :head_dim], total[..., head_dim:])  # (h, T, B, d)
+        gate = torch.sigmoid(q).reshape(batch, num_tokens, num_heads, head_dim)  # token-major, contiguous
+        return (gate * out.permute(2, 1, 0, 3)).reshape(batch, height, width, channels)
+
     exp_k_v = exp_k.unsqueeze(-1) * v.reshape(batch, height, width, num_heads, head_dim)
-    # (B, h * (d + 1), H, W): per head, d numerator channels then one denominator channel
+    # (B, H, W, h, d + 1): per head, d numerator channels then one denominator channel
     stacked = torch.cat([exp_k_v, exp_k.unsqueeze(-1)], dim=-1)
-    stacked = stacked.permute(0, 3, 4, 1, 2).reshape(batch, num_heads * group, height, width)
-
+    # channels-last view of the NHWC data: the convolutions read it without a transposing copy
+    conv_in = stacked.reshape(batch, height, width, num_heads * group).permute(0, 3, 1, 2)
     conv_kernel = window_kernel.unsqueeze(1).expand(num_heads, group, kernel_size, kernel_size)
-    conv_kernel = conv_kernel.reshape(num_heads * group, 1, kernel_size, kernel_size).to(stacked.dtype)
-    inside = F.conv2d(stacked, conv_kernel, padding=kernel_size // 2, groups=num_heads * group)
-    outside = _sum_outside_window(stacked, kernel_size // 2)
+    conv_kernel = conv_kernel.reshape(num_heads * group, 1, kernel_size, kernel_size).to(conv_in.dtype)
+    inside = F.conv2d(conv_in, conv_kernel, padding=kernel_size // 2, groups=num_heads * group)
+    outside = _sum_outside_window(conv_in, kernel_size // 2)
     outside = outside * outside_weight.repeat_interleave(group)[:, None, None].to(outside.dtype)
-
-    total = (inside + outside).reshape(batch, num_heads, group, height, width).permute(0, 3, 4, 1, 2)
+    total = (inside + outside).permute(0, 2, 3, 1).reshape(batch, height, width, num_heads, group)
     out = _safe_divide(total[..., :head_dim], total[..., head_dim:])
     return torch.sigmoid(q) * out.reshape(batch, height, width, channels)

@@ -403,7 +403,7 @@ class AftVisionTransformer(nn.Module):
                     old_size=[self.patch_embed.grid_size[0], self.patch_embed.grid_size[1]],
                     num_prefix_tokens=self.num_prefix_tokens,
                 )
-            x = x.flatten(1, 2)
+            x = x.flatten(1, 2).contiguous()  # NHWC out of the conv is a strided view: every later op would pay
         else:
             feat_size = (self.patch_embed.grid_size[0], self.patch_embed.grid_size[1])
             pos_embed = self.pos_embed

@@ -1,0 +1,73 @@
+"""Shared measurement helpers for the benchmark scripts: timing medians and peak memory of a fresh process."""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+
+def median_seconds(fn: Callable[[], None], repeats: int, inner: int = 1) -> float:
+    """Median wall time of ``inner`` calls of ``fn`` over ``repeats`` timed runs, in seconds per call."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - start) / inner)
+    return statistics.median(times)
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's high-water mark of this process's RSS (Linux: /proc/self/clear_refs)."""
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+
+
+def peak_rss_mib() -> float:
+    """Peak RSS (VmHWM) of this process since the last reset, in MiB."""
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith('VmHWM:'):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError('no VmHWM in /proc/self/status')
+
+
+def rss_mib() -> float:
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith('VmRSS:'):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError('no VmRSS in /proc/self/status')
+
+
+def run_isolated(script: Path, args: Dict[str, object]) -> Dict[str, float]:
+    """Run ``script --child JSON`` in a fresh interpreter and return the JSON it prints last."""
+    result = subprocess.run([sys.executable, str(script), '--child', json.dumps(args)], capture_output=True,
+                            text=True, env=dict(os.environ))
+    if result.returncode != 0:
+        raise RuntimeError(f'{script.name} child failed for {args}:\n{result.stderr[-2000:]}')
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def machine_description() -> str:
+    cpu = 'unknown CPU'
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                cpu = line.split(':', 1)[1].strip()
+                break
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        return f'{torch.cuda.get_device_name(0)} (torch {torch.__version__})'
+    return f'{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})'
+
+
+def markdown_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
+    lines = ['| ' + ' | '.join(columns) + ' |', '| ' + ' | '.join('---' for _ in columns) + ' |']
+    for row in rows:
+        lines.append('| ' + ' | '.join(str(row.get(c, '')) for c in columns) + ' |')
+    return '\n'.join(lines)

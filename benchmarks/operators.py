@@ -1,0 +1,96 @@
+"""Time and peak memory of each AFT operator against scaled_dot_product_attention, for T from 256 to 16,384 tokens.
+
+    python benchmarks/operators.py [--tokens 256 1024 4096 16384] [--csv benchmarks/operators.csv]
+
+Every (operator, T) runs in a fresh process (peak RSS is that process's high-water mark above its state just
+before the first call). Inputs: batch 1, C = 384 channels (AFT-conv: 16 heads, kernel 11, on a square grid;
+attention: 6 heads of 64). Time is the median of repeated calls after a warm-up. The summary prints how time
+grows from the smallest to the largest T: linear growth is T_max / T_min, quadratic its square.
+"""
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import machine_description, markdown_table, median_seconds, peak_rss_mib, reset_peak_rss, rss_mib, run_isolated  # noqa: E402
+
+OPERATORS = ('aft_simple', 'aft_conv2d', 'aft_local', 'aft_full', 'sdpa')
+CHANNELS, CONV_HEADS, KERNEL, ATTN_HEADS, LOCAL_WINDOW = 384, 16, 11, 6, 64
+
+
+def _call(op: str, tokens: int):
+    from aft_vit.layers import aft_conv2d, aft_full, aft_local, aft_simple
+    g = torch.Generator().manual_seed(0)
+    x = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    if op == 'aft_conv2d':
+        side = int(math.isqrt(tokens))
+        q, v, k, w = x(1, side, side, CHANNELS), x(1, side, side, CHANNELS), x(1, side, side, CONV_HEADS), x(CONV_HEADS, KERNEL, KERNEL)
+        return lambda: aft_conv2d(q, k, v, w)
+    q, k, v = x(1, tokens, CHANNELS), x(1, tokens, CHANNELS), x(1, tokens, CHANNELS)
+    if op == 'aft_simple':
+        return lambda: aft_simple(q, k, v)
+    if op == 'aft_full':
+        w = x(tokens, tokens)
+        return lambda: aft_full(q, k, v, w)
+    if op == 'aft_local':
+        w = x(tokens, tokens)
+        return lambda: aft_local(q, k, v, w, LOCAL_WINDOW)
+    qh, kh, vh = (t.view(1, tokens, ATTN_HEADS, -1).transpose(1, 2) for t in (q, k, v))
+    return lambda: F.scaled_dot_product_attention(qh, kh, vh)
+
+
+def child(spec: dict) -> dict:
+    torch.set_grad_enabled(False)
+    fn = _call(spec['op'], spec['tokens'])
+    reset_peak_rss()
+    before = rss_mib()
+    fn()  # warm-up, and the peak of one call
+    peak = peak_rss_mib() - before
+    repeats = 5 if spec['tokens'] <= 4096 else 2
+    seconds = median_seconds(fn, repeats=repeats, inner=1)
+    return dict(op=spec['op'], tokens=spec['tokens'], ms=seconds * 1e3, peak_mib=max(peak, 0.))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--tokens', type=int, nargs='+', default=[256, 1024, 4096, 16384])
+    parser.add_argument('--ops', nargs='+', default=list(OPERATORS))
+    parser.add_argument('--csv', default=str(Path(__file__).with_name('operators.csv')))
+    parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    rows = []
+    for tokens in args.tokens:
+        for op in args.ops:
+            row = run_isolated(Path(__file__), dict(op=op, tokens=tokens))
+            rows.append(row)
+            print(f'{op:<11} T={tokens:<6} {row["ms"]:10.2f} ms  peak +{row["peak_mib"]:8.1f} MiB', flush=True)
+    with open(args.csv, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=['op', 'tokens', 'ms', 'peak_mib'])
+        writer.writeheader()
+        writer.writerows(rows)
+    lo, hi = min(args.tokens), max(args.tokens)
+    table = []
+    for op in args.ops:
+        r = {row['tokens']: row for row in rows if row['op'] == op}
+        entry = {'operator': op}
+        for t in args.tokens:
+            entry[f'T={t} ms'] = f'{r[t]["ms"]:.2f}'
+            entry[f'T={t} MiB'] = f'{r[t]["peak_mib"]:.0f}'
+        entry[f'time x (T {lo}->{hi})'] = f'{r[hi]["ms"] / r[lo]["ms"]:.0f}'
+        table.append(entry)
+    columns = ['operator'] + [c for t in args.tokens for c in (f'T={t} ms', f'T={t} MiB')] + [f'time x (T {lo}->{hi})']
+    print(f'\nMachine: {machine_description()}. Linear growth is x{hi // lo}, quadratic x{(hi // lo) ** 2}.\n')
+    print(markdown_table(table, columns))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,212 @@
+"""Inference and training throughput (images/s) and peak memory of AFT models against timm's DeiT of the same size.
+
+    python benchmarks/throughput.py                 # CPU defaults, writes throughput.csv, throughput.png
+    python benchmarks/throughput.py --update-readme # and rewrites the table in benchmarks/README.md
+
+Pairs: deit_tiny_patch16_224 / aft_conv_tiny, deit_small_patch16_224 / aft_conv_small and aft_full_small
+(timm's vit_small_patch16_224 is the same network as deit_small_patch16_224: same layers, same FLOPs).
+Throughput: one process, every model of a resolution built first and warmed up, then measured in interleaved
+rounds (so drifts of the machine hit all models alike); the median of the rounds is reported. Peak memory: a
+fresh process per configuration, its RSS high-water mark above its state right before the first step (CPU), or
+torch's allocator peak (GPU). Ratios are AFT / DeiT at the same resolution, batch and mode.
+"""
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import machine_description, markdown_table, median_seconds, peak_rss_mib, reset_peak_rss, rss_mib, run_isolated  # noqa: E402
+
+PAIRS = {'aft_conv_tiny': 'deit_tiny_patch16_224', 'aft_conv_small': 'deit_small_patch16_224',
+         'aft_full_small': 'deit_small_patch16_224'}
+CPU_BATCHES = {224: [1, 32], 384: [1, 8], 512: [1, 4], 896: [1, 2]}
+GPU_BATCHES = {224: [256], 384: [64], 512: [32], 896: [8]}
+README = Path(__file__).with_name('README.md')
+
+
+def _build(name: str, res: int, device: torch.device, compile_model: bool):
+    import timm
+    import aft_vit  # noqa: F401
+    model = timm.create_model(name, img_size=res).to(device)
+    return torch.compile(model) if compile_model else model
+
+
+def _step_fn(model, mode: str, batch: int, res: int, device: torch.device, amp: bool):
+    x = torch.randn(batch, 3, res, res, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    if mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), autocast:
+                model(x)
+        return step
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    target = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def child(spec: dict) -> dict:
+    """Peak memory of one configuration, in this fresh process."""
+    device = torch.device(spec['device'])
+    model = _build(spec['model'], spec['res'], device, spec['compile'])
+    step = _step_fn(model, spec['mode'], spec['batch'], spec['res'], device, spec['amp'])
+    if device.type == 'cuda':
+        step()
+        _sync(device)  # compile / warm-up outside the measured peak
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        _sync(device)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    else:
+        reset_peak_rss()
+        base = rss_mib()
+        step()
+        step()
+        peak = peak_rss_mib() - base
+    return dict(peak_mib=peak)
+
+
+def measure_throughput(models: List[str], res: int, batches: List[int], modes: List[str], device, rounds: int,
+                       compile_model: bool, amp: bool) -> List[Dict]:
+    built = {m: _build(m, res, device, compile_model) for m in models}
+    configs = [(m, b, mode) for mode in modes for b in batches for m in models]
+    steps = {c: _step_fn(built[c[0]], c[2], c[1], res, device, amp) for c in configs}
+    for c in configs:  # warm-up (and compilation)
+        steps[c]()
+        steps[c]()
+    _sync(device)
+    times = {c: [] for c in configs}
+    for _ in range(rounds):
+        for c in configs:
+            def timed():
+                steps[c]()
+                _sync(device)
+            times[c].append(median_seconds(timed, repeats=1, inner=2 if c[1] <= 8 else 1))
+    rows = []
+    for (m, b, mode), ts in times.items():
+        ts.sort()
+        rows.append(dict(model=m, res=res, batch=b, mode=mode, img_s=b / ts[len(ts) // 2]))
+    return rows
+
+
+def _ratio_rows(rows: List[Dict]) -> List[Dict]:
+    index = {(r['model'], r['res'], r['batch'], r['mode']): r for r in rows}
+    out = []
+    for r in rows:
+        if r['model'] not in PAIRS:
+            continue
+        base = index[(PAIRS[r['model']], r['res'], r['batch'], r['mode'])]
+        out.append({
+            'model': r['model'], 'vs': base['model'], 'res': r['res'], 'batch': r['batch'], 'mode': r['mode'],
+            'img/s': f'{r["img_s"]:.1f}', 'DeiT img/s': f'{base["img_s"]:.1f}',
+            'speed ratio': f'{r["img_s"] / base["img_s"]:.2f}',
+            'peak MiB': f'{r["peak_mib"]:.0f}', 'DeiT peak MiB': f'{base["peak_mib"]:.0f}',
+            'memory ratio': f'{r["peak_mib"] / max(base["peak_mib"], 1e-9):.2f}',
+        })
+    return out
+
+
+def plot(rows: List[Dict], path: Path, machine: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for col, mode in enumerate(('infer', 'train')):
+        sub = [r for r in rows if r['mode'] == mode]
+        if not sub:
+            continue
+        batch = {res: max(r['batch'] for r in sub if r['res'] == res) for res in {r['res'] for r in sub}}
+        for model in sorted({r['model'] for r in sub}):
+            pts = sorted((r['res'], r['img_s'], r['peak_mib']) for r in sub
+                         if r['model'] == model and r['batch'] == batch[r['res']])
+            if not pts:
+                continue
+            style = '--' if model.startswith(('deit', 'vit')) else '-'
+            axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], style, marker='o', label=model)
+            axes[1][col].plot([p[0] for p in pts], [p[2] for p in pts], style, marker='o', label=model)
+        axes[0][col].set(title=f'{mode}: images/s (largest batch per size)', xlabel='resolution (px)', yscale='log')
+        axes[1][col].set(title=f'{mode}: peak memory (MiB)', xlabel='resolution (px)', yscale='log')
+        axes[0][col].legend(fontsize=8)
+    fig.suptitle(machine, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def update_readme(table: str, machine: str, command: str, section: str) -> None:
+    start, end = f'<!-- {section}:start -->', f'<!-- {section}:end -->'
+    text = README.read_text()
+    block = f'{start}\nMachine: {machine}. Command: `{command}`.\n\n{table}\n{end}'
+    if start in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text += f'\n{block}\n'
+    README.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--resolutions', type=int, nargs='+', default=[224, 384, 512, 896])
+    parser.add_argument('--models', nargs='+', default=['deit_tiny_patch16_224', 'aft_conv_tiny',
+                                                        'deit_small_patch16_224', 'aft_conv_small', 'aft_full_small'])
+    parser.add_argument('--train-resolutions', type=int, nargs='+', default=[224])
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--compile', action='store_true', help='torch.compile every model')
+    parser.add_argument('--amp', action='store_true', help='bfloat16 autocast')
+    parser.add_argument('--out', default=str(Path(__file__).with_name('throughput')), help='CSV / PNG path stem')
+    parser.add_argument('--update-readme', action='store_true')
+    parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    device = torch.device(args.device)
+    batches = GPU_BATCHES if device.type == 'cuda' else CPU_BATCHES
+    machine = machine_description()
+    rows = []
+    for res in args.resolutions:
+        modes = ['infer'] + (['train'] if res in args.train_resolutions else [])
+        res_rows = measure_throughput(args.models, res, batches[res], modes, device, args.rounds, args.compile, args.amp)
+        for r in res_rows:
+            r['peak_mib'] = run_isolated(Path(__file__), dict(model=r['model'], res=res, batch=r['batch'],
+                                                              mode=r['mode'], device=args.device,
+                                                              compile=args.compile, amp=args.amp))['peak_mib']
+            print(f'{r["model"]:<24} {res:>4}px b{r["batch"]:<4} {r["mode"]:<5} {r["img_s"]:9.1f} img/s '
+                  f'{r["peak_mib"]:9.1f} MiB', flush=True)
+        rows += res_rows
+    out = Path(args.out)
+    with open(out.with_suffix('.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=['model', 'res', 'batch', 'mode', 'img_s', 'peak_mib'])
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, out.with_suffix('.png'), machine)
+    table = markdown_table(_ratio_rows(rows), ['model', 'vs', 'res', 'batch', 'mode', 'img/s', 'DeiT img/s',
+                                               'speed ratio', 'peak MiB', 'DeiT peak MiB', 'memory ratio'])
+    print(f'\nMachine: {machine}\n\n{table}')
+    if args.update_readme:
+        section = 'gpu' if device.type == 'cuda' else 'cpu'
+        update_readme(table, machine, 'python ' + ' '.join(['benchmarks/throughput.py'] + sys.argv[1:]), section)
+
+
+if __name__ == '__main__':
+    main()
