@@ -296,7 +296,7 @@ def aft_conv2d(
         raise ValueError(
             f'aft_conv2d: channels C={channels} must be divisible by the number of heads h={num_heads}')
     if method not in ('auto', 'conv', 'dense'):
-        raise ValueError(f"aft_conv2d: method must be 'auto', 'conv' or 'dense', got {method!r}")
+        raise ValueError(f"aft_conv2d: method must be 'auto', 'conv' or 'dense', got '{method}'")
     head_dim = channels // num_heads
     group = head_dim + 1
     if method == 'auto':
