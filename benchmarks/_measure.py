@@ -71,3 +71,18 @@ def markdown_table(rows: List[Dict[str, object]], columns: List[str]) -> str:
     for row in rows:
         lines.append('| ' + ' | '.join(str(row.get(c, '')) for c in columns) + ' |')
     return '\n'.join(lines)
+
+
+README = Path(__file__).with_name('README.md')
+
+
+def update_readme(text: str, section: str) -> None:
+    """Replace the block between ``<!-- section:start -->`` and ``<!-- section:end -->`` of benchmarks/README.md."""
+    start, end = f'<!-- {section}:start -->', f'<!-- {section}:end -->'
+    current = README.read_text() if README.exists() else ''
+    block = f'{start}\n{text}\n{end}'
+    if start in current:
+        current = current[:current.index(start)] + block + current[current.index(end) + len(end):]
+    else:
+        current += f'\n{block}\n'
+    README.write_text(current)

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import machine_description, markdown_table, median_seconds, peak_rss_mib, reset_peak_rss, rss_mib, run_isolated  # noqa: E402
+from _measure import (  # noqa: E402
+    machine_description, markdown_table, median_seconds, peak_rss_mib, reset_peak_rss, rss_mib, run_isolated,
+    update_readme)
 
 OPERATORS = ('aft_simple', 'aft_conv2d', 'aft_local', 'aft_full', 'sdpa')
 CHANNELS, CONV_HEADS, KERNEL, ATTN_HEADS, LOCAL_WINDOW = 384, 16, 11, 6, 64
@@ -62,22 +64,32 @@ def main() -> None:
     parser.add_argument('--tokens', type=int, nargs='+', default=[256, 1024, 4096, 16384])
     parser.add_argument('--ops', nargs='+', default=list(OPERATORS))
     parser.add_argument('--csv', default=str(Path(__file__).with_name('operators.csv')))
+    parser.add_argument('--update-readme', action='store_true', help='rewrite the table in benchmarks/README.md')
+    parser.add_argument('--from-csv', action='store_true', help='only re-print / re-write the table of the CSV')
     parser.add_argument('--child', default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
     rows = []
-    for tokens in args.tokens:
+    if args.from_csv:
+        with open(args.csv) as f:
+            rows = [dict(op=r['op'], tokens=int(r['tokens']), ms=float(r['ms']), peak_mib=float(r['peak_mib']))
+                    for r in csv.DictReader(f)]
+        args.tokens = sorted({r['tokens'] for r in rows})
+        args.ops = list(dict.fromkeys(r['op'] for r in rows))
+    for tokens in ([] if args.from_csv else args.tokens):
         for op in args.ops:
             row = run_isolated(Path(__file__), dict(op=op, tokens=tokens))
             rows.append(row)
             print(f'{op:<11} T={tokens:<6} {row["ms"]:10.2f} ms  peak +{row["peak_mib"]:8.1f} MiB', flush=True)
-    with open(args.csv, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=['op', 'tokens', 'ms', 'peak_mib'])
-        writer.writeheader()
-        writer.writerows(rows)
-    lo, hi = min(args.tokens), max(args.tokens)
+    if not args.from_csv:
+        with open(args.csv, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=['op', 'tokens', 'ms', 'peak_mib'])
+            writer.writeheader()
+            writer.writerows(rows)
+    hi = max(args.tokens)
+    prev = max([t for t in args.tokens if t < hi], default=hi)  # growth over the last step, past small-T overheads
     table = []
     for op in args.ops:
         r = {row['tokens']: row for row in rows if row['op'] == op}
@@ -85,11 +97,14 @@ def main() -> None:
         for t in args.tokens:
             entry[f'T={t} ms'] = f'{r[t]["ms"]:.2f}'
             entry[f'T={t} MiB'] = f'{r[t]["peak_mib"]:.0f}'
-        entry[f'time x (T {lo}->{hi})'] = f'{r[hi]["ms"] / r[lo]["ms"]:.0f}'
+        entry[f'time x (T {prev}->{hi})'] = f'{r[hi]["ms"] / r[prev]["ms"]:.1f}'
         table.append(entry)
-    columns = ['operator'] + [c for t in args.tokens for c in (f'T={t} ms', f'T={t} MiB')] + [f'time x (T {lo}->{hi})']
-    print(f'\nMachine: {machine_description()}. Linear growth is x{hi // lo}, quadratic x{(hi // lo) ** 2}.\n')
-    print(markdown_table(table, columns))
+    columns = ['operator'] + [c for t in args.tokens for c in (f'T={t} ms', f'T={t} MiB')] + [f'time x (T {prev}->{hi})']
+    text = (f'Machine: {machine_description()}. Command: `python benchmarks/operators.py`. From T={prev} to T={hi} '
+            f'linear growth is x{hi // prev}, quadratic x{(hi // prev) ** 2}.\n\n' + markdown_table(table, columns))
+    print('\n' + text)
+    if args.update_readme:
+        update_readme(text, 'operators')
 
 
 if __name__ == '__main__':

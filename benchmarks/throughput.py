@@ -20,13 +20,14 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import machine_description, markdown_table, median_seconds, peak_rss_mib, reset_peak_rss, rss_mib, run_isolated  # noqa: E402
+from _measure import (  # noqa: E402
+    machine_description, markdown_table, median_seconds, peak_rss_mib, reset_peak_rss, rss_mib, run_isolated,
+    update_readme)
 
 PAIRS = {'aft_conv_tiny': 'deit_tiny_patch16_224', 'aft_conv_small': 'deit_small_patch16_224',
          'aft_full_small': 'deit_small_patch16_224'}
 CPU_BATCHES = {224: [1, 32], 384: [1, 8], 512: [1, 4], 896: [1, 2]}
 GPU_BATCHES = {224: [256], 384: [64], 512: [32], 896: [8]}
-README = Path(__file__).with_name('README.md')
 
 
 def _build(name: str, res: int, device: torch.device, compile_model: bool):
@@ -152,17 +153,6 @@ def plot(rows: List[Dict], path: Path, machine: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def update_readme(table: str, machine: str, command: str, section: str) -> None:
-    start, end = f'<!-- {section}:start -->', f'<!-- {section}:end -->'
-    text = README.read_text()
-    block = f'{start}\nMachine: {machine}. Command: `{command}`.\n\n{table}\n{end}'
-    if start in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text += f'\n{block}\n'
-    README.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--resolutions', type=int, nargs='+', default=[224, 384, 512, 896])
@@ -205,7 +195,8 @@ def main() -> None:
     print(f'\nMachine: {machine}\n\n{table}')
     if args.update_readme:
         section = 'gpu' if device.type == 'cuda' else 'cpu'
-        update_readme(table, machine, 'python ' + ' '.join(['benchmarks/throughput.py'] + sys.argv[1:]), section)
+        command = 'python ' + ' '.join(['benchmarks/throughput.py'] + sys.argv[1:])
+        update_readme(f'Machine: {machine}. Command: `{command}`.\n\n{table}', f'throughput-{section}')
 
 
 if __name__ == '__main__':
