@@ -30,6 +30,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ['aft_full', 'aft_simple', 'aft_local', 'aft_conv2d', 'local_window_mask', 'local_window_mask_2d']
 
@@ -297,11 +298,24 @@ def aft_conv2d(
             f'aft_conv2d: channels C={channels} must be divisible by the number of heads h={num_heads}')
     if method not in ('auto', 'conv', 'dense'):
         raise ValueError(f"aft_conv2d: method must be 'auto', 'conv' or 'dense', got '{method}'")
-    head_dim = channels // num_heads
-    group = head_dim + 1
     if method == 'auto':
         method = 'dense' if dense_is_cheaper(height * width, kernel_size) else 'conv'
+    needs_grad = q.requires_grad or k.requires_grad or v.requires_grad or weight.requires_grad
+    if torch.is_grad_enabled() and needs_grad and not torch.jit.is_scripting():
+        # keep only the inputs for backward and recompute the rest there: the (h, T, B, C/h + 1)
+        # intermediates would otherwise dominate training memory, and recomputing is cheaper than storing
+        return checkpoint(_aft_conv2d_core, q, k, v, weight, method, use_reentrant=False)
+    return _aft_conv2d_core(q, k, v, weight, method)
 
+
+def _aft_conv2d_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
+                     method: str) -> torch.Tensor:
+    """The computation of :func:`aft_conv2d` on checked inputs, by ``method`` ('conv' or 'dense')."""
+    batch, height, width, channels = q.shape
+    num_heads = k.shape[3]
+    kernel_size = weight.shape[-1]
+    head_dim = channels // num_heads
+    group = head_dim + 1
     shift = weight.detach().amax(dim=[1, 2]).clamp_min(0.)  # (h,)
     window_kernel = torch.exp(weight - shift[:, None, None])  # (h, s, s), in (0, 1]
     outside_weight = torch.exp(-shift)  # (h,)
