@@ -18,8 +18,7 @@ import aft_vit  # noqa: F401  registers the aft models
 from .checkpoint import load_checkpoint_file
 from .data import check_image_folder
 from .errors import UserInputError
-from .evaluate import _FROM_TRAINING
-from .factory import create_model_checked, load_weights
+from . import evaluate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,25 +55,17 @@ def _open_rgb(path: str, channels: int) -> Image.Image:
 
 def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
     checkpoint = load_checkpoint_file(args.checkpoint) if args.checkpoint else None
-    trained_with = (checkpoint or {}).get('args') or {}
-    model_name = args.model or trained_with.get('model')
-    if not model_name:
-        raise UserInputError('no model: pass --model NAME (or a --checkpoint written by aft-vit train)')
-    kwargs = {k: v for k, v in trained_with.items() if k in ('num_classes', 'in_chans') and v is not None}
-    kwargs.update(trained_with.get('model_kwargs') or {})
-    if trained_with.get('img_size') is not None:
-        kwargs.setdefault('img_size', trained_with['img_size'])
-    if args.num_classes is not None:
-        kwargs['num_classes'] = args.num_classes
-    model = create_model_checked(model_name, pretrained=checkpoint is None, **kwargs).eval()
-    if checkpoint is not None:
-        load_weights(model, args.checkpoint, model_name, use_ema=args.use_ema, checkpoint=checkpoint)
+    model_args = ['--data-dir', '', '--checkpoint', args.checkpoint] + (['--model', args.model] if args.model else [])
+    model_args += (['--use-ema'] if args.use_ema else []) + (
+        ['--num-classes', str(args.num_classes)] if args.num_classes is not None else [])
+    model_args = evaluate.build_parser().parse_args(model_args)
+    model, _ = evaluate.load_model(model_args, checkpoint=checkpoint)  # fills model_args from the checkpoint
+    model.eval()
     labels = _label_names(model, checkpoint, args.class_dir)
     if len(labels) != model.num_classes:
         raise UserInputError(f'{len(labels)} label names for a model with {model.num_classes} classes; '
                              'pass --class-dir with the matching class folders')
-    data_args = {k: trained_with.get(k) for k in _FROM_TRAINING if k not in ('model', 'model_kwargs')}
-    transform = create_transform(**resolve_data_config(data_args, model=model))
+    transform = create_transform(**resolve_data_config(vars(model_args), model=model))
     results = []
     with torch.no_grad():
         for path in args.images:
