@@ -238,3 +238,14 @@ def test_cifar_recipe_trains(cifar_tiny, tmp_path):
     assert float(row['eval_top1']) >= 0 and float(row['train_loss']) > 0
     args = yaml.safe_load((tmp_path / 'r' / 'args.yaml').read_text())
     assert (args['img_size'], args['aa'], args['num_classes']) == (32, 'rand-m9-mstd0.5-inc1', 10)
+
+
+def test_randaugment_top_magnitude_posterize_does_not_crash():
+    """DeiT's rand-m9-mstd0.5-inc1 reaches magnitude 10, where timm asks Pillow for 0-bit posterize."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+    image = Image.new('RGB', (32, 32), (200, 100, 50))
+    op = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)
+    out = op(image)
+    assert out.size == image.size and out.getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5)(image).getpixel((0, 0)) != (0, 0, 0)

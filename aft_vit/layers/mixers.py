@@ -5,7 +5,7 @@ Each mixer maps (B, N, C) tokens to (B, N, C) and is told the patch grid
 resolution. Queries, keys and values come from one fused ``qkv`` linear layer
 (as in timm's Attention), ordered q, k, v.
 """
-from typing import List, Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn as nn
