@@ -284,7 +284,7 @@ def _checkpoint_state(args, epoch, task, optimizer, scheduler, loss_scaler, metr
 
 def _resume(args, task, optimizer, scheduler, loss_scaler) -> Tuple[int, Optional[float]]:
     checkpoint = load_checkpoint_file(args.resume)
-    check_architecture(checkpoint, args.resume, args.model)
+    check_architecture(checkpoint, args.resume, args.model)  # before the state_dict check: the clearer message
     if 'state_dict' not in checkpoint:
         raise UserInputError(f'{args.resume} holds no training state (no state_dict): use --initial-checkpoint')
     load_weights(task.get_trainable_module(), args.resume, args.model, checkpoint=checkpoint)
