@@ -22,6 +22,7 @@ import aft_vit
 from . import evaluate
 from .checkpoint import load_checkpoint_file
 from .errors import UserInputError
+from .labels import imagenet_descriptions
 
 SUMS_FILE = 'SHA256SUMS'
 CITATION = '''@article{zhai2021attention,
@@ -144,7 +145,8 @@ def publish(args: argparse.Namespace) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f'.{name}.', dir=out_root))
     try:
         model.cpu()
-        save_for_hf(model, tmp, model_config=dict(label_names=label_names) if label_names else None,
+        labels = dict(label_names=label_names, label_descriptions=imagenet_descriptions(label_names))
+        save_for_hf(model, tmp, model_config={k: v for k, v in labels.items() if v} or None,
                     safe_serialization=True, data_config=data_config)
         sha = sha256_of(tmp / 'model.safetensors')
         (tmp / 'README.md').write_text(_model_card(name, model, results, trained_with, args, sha), encoding='utf-8')

@@ -2,6 +2,8 @@
 
 Label names come from the model's pretrained cfg (``label_names``), the training checkpoint (its
 class folders), or ``--class-dir`` (an ImageFolder split whose sorted folder names are the classes).
+Each prediction also gets a readable ``description``: the pretrained cfg's ``label_descriptions``, or
+timm's ImageNet metadata for WordNet-id names (Imagenette), else the label itself.
 """
 import argparse
 import json
@@ -18,6 +20,7 @@ import aft_vit  # noqa: F401  registers the aft models
 from .checkpoint import load_checkpoint_file
 from .data import check_image_folder
 from .errors import UserInputError
+from .labels import imagenet_descriptions
 from . import evaluate
 
 
@@ -43,6 +46,12 @@ def _label_names(model: torch.nn.Module, checkpoint: Optional[Dict[str, Any]], c
     return list(names) if names else [str(i) for i in range(model.num_classes)]
 
 
+def _descriptions(model: torch.nn.Module, labels: List[str]) -> Dict[str, str]:
+    known = (getattr(model, 'pretrained_cfg', None) or {}).get('label_descriptions') or \
+        imagenet_descriptions(labels) or {}
+    return {label: known.get(label, label) for label in labels}
+
+
 def _open_rgb(path: str, channels: int) -> Image.Image:
     try:
         with Image.open(path) as img:
@@ -65,6 +74,7 @@ def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
     if len(labels) != model.num_classes:
         raise UserInputError(f'{len(labels)} label names for a model with {model.num_classes} classes; '
                              'pass --class-dir with the matching class folders')
+    descriptions = _descriptions(model, labels)
     transform = create_transform(**resolve_data_config(vars(model_args), model=model))
     results = []
     with torch.no_grad():
@@ -73,8 +83,15 @@ def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
             probs = model(image).softmax(dim=-1)[0]
             top = probs.topk(min(args.topk, probs.numel()))
             results.append(dict(image=path, predictions=[
-                dict(label=labels[i], probability=p) for p, i in zip(top.values.tolist(), top.indices.tolist())]))
+                dict(label=labels[i], description=descriptions[labels[i]], probability=p)
+                for p, i in zip(top.values.tolist(), top.indices.tolist())]))
     return results
+
+
+def _shown(prediction: Dict[str, Any]) -> str:
+    label, description = prediction['label'], prediction['description']
+    named = label if description == label else f'{label} ({description})'
+    return f'{named} {prediction["probability"]:.3f}'
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -84,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
-            print(r['image'] + ': ' + ', '.join(f'{p["label"]} {p["probability"]:.3f}' for p in r['predictions']))
+            print(r['image'] + ': ' + ', '.join(_shown(p) for p in r['predictions']))
     return 0
 
 

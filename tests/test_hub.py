@@ -5,6 +5,7 @@ HF_HOME, so huggingface_hub's real download, cache and offline-reuse code runs.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,18 +195,19 @@ import aft_vit
 sys.path.insert(0, {root!r})
 import tests.hub_test_models  # the registry tag with an hf_hub_id
 model = timm.create_model(sys.argv[1], pretrained=True).eval()
-x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+size = int(sys.argv[2]) if len(sys.argv) > 2 else 32
+x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
 print(json.dumps(model(x).tolist()))
 '''
 
 
-def _load_via_hub(name: str, endpoint: str, hf_home: Path, offline: bool = False):
+def _load_via_hub(name: str, endpoint: str, hf_home: Path, offline: bool = False, size: int = 32):
     env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), PYTHONPATH=str(ROOT),
                HF_HUB_DISABLE_TELEMETRY='1')
     env.pop('HF_TOKEN', None)
     if offline:
         env['HF_HUB_OFFLINE'] = '1'
-    result = subprocess.run([sys.executable, '-c', LOAD_SCRIPT.format(root=str(ROOT)), name], capture_output=True,
+    result = subprocess.run([sys.executable, '-c', LOAD_SCRIPT.format(root=str(ROOT)), name, str(size)], capture_output=True,
                             text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
@@ -281,3 +283,50 @@ def test_convert_deit_checkpoint_then_train(cifar_tiny, tmp_path):
     wrong = _aft_vit('convert', '--source', source, '--model', 'aft_conv_small', '--output', tmp_path / 'x.pth',
                      check=False)
     assert wrong.returncode == 2 and 'is 192 wide and 12 deep' in wrong.stderr and 'aft_conv_small' in wrong.stderr
+
+
+PUBLISHED = sorted(p for p in (ROOT / 'weights').glob('*.*') if p.is_dir())
+
+
+def _same(a, b) -> bool:
+    """Equal after JSON's tuples-become-lists."""
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+@pytest.mark.parametrize('folder', PUBLISHED, ids=lambda p: p.name)
+def test_registry_tag_describes_its_published_folder(folder):
+    """The tag's pretrained cfg says what the folder's config.json says, and builds the architecture its weights
+    need: loading the file into the tag's model gives the folder's own model, output for output."""
+    config = json.loads((folder / 'config.json').read_text())
+    tagged = timm.create_model(folder.name)
+    cfg = tagged.pretrained_cfg
+    assert cfg['hf_hub_id'] == f'aft-vit/{folder.name}'
+    for key in ('num_classes', 'input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'label_names',
+                'label_descriptions'):
+        assert _same(cfg.get(key), config['pretrained_cfg'].get(key)), key
+    reference = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    loaded = timm.create_model(folder.name, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(folder / 'model.safetensors'))).eval()
+    x = torch.randn(2, *cfg['input_size'], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded(x), reference(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('folder', PUBLISHED, ids=lambda p: p.name)
+def test_registry_tag_downloads_its_weights_from_the_hub(hub, folder, tmp_path):
+    """timm.create_model('<model>.<tag>', pretrained=True) fetches aft-vit/<model>.<tag> (olah serves weights/)."""
+    size = json.loads((folder / 'config.json').read_text())['pretrained_cfg']['input_size'][-1]
+    reference = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    (tmp_path / 'hf_home').mkdir()
+    torch.testing.assert_close(_load_via_hub(folder.name, hub.url, tmp_path / 'hf_home', size=size), reference(x))
+
+
+def test_readme_quick_start_names_the_photo(hub, tmp_path):
+    """README's quick start, run as written against the Hub mirror, prints the right class for chelsea the cat."""
+    readme = (ROOT / 'README.md').read_text(encoding='utf-8')
+    code = next(b for b in re.findall(r'```python\n(.*?)```', readme, flags=re.S) if 'chelsea' in b)
+    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path), HF_HUB_DISABLE_TELEMETRY='1')
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[0] == 'cat', result.stdout

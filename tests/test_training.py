@@ -13,6 +13,7 @@ import yaml
 
 from aft_vit.cli import main as cli_main
 from aft_vit.train import build_parser as train_parser, parse_args
+from aft_vit.labels import imagenet_descriptions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,8 +84,22 @@ def test_predict_names_the_classes(trained, cifar_small):
     assert [r['image'] for r in out] == [str(p) for p in images]
     for r in out:
         assert len(r['predictions']) == 3 and all(p['label'] in classes for p in r['predictions'])
+        assert all(p['description'] == p['label'] for p in r['predictions'])  # CIFAR's folders are words already
         probs = [p['probability'] for p in r['predictions']]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+
+
+# Imagenette's class folders and their words, as ../shared/data/README.md lists them.
+IMAGENETTE = {'n01440764': 'tench', 'n02102040': 'English springer', 'n02979186': 'cassette player',
+              'n03000684': 'chain saw', 'n03028079': 'church', 'n03394916': 'French horn',
+              'n03417042': 'garbage truck', 'n03425413': 'gas pump', 'n03445777': 'golf ball',
+              'n03888257': 'parachute'}
+
+
+def test_wordnet_id_labels_get_readable_descriptions():
+    found = imagenet_descriptions(sorted(IMAGENETTE))
+    assert {wnid: text.split(',')[0] for wnid, text in found.items()} == IMAGENETTE
+    assert imagenet_descriptions(['cat', 'dog']) is None and imagenet_descriptions(['n01440764', 'cat']) is None
 
 
 RESUME_ARGS = [*small_model(2), '-b', 32, '--epochs', 2, '--warmup-epochs', 1,

@@ -666,8 +666,27 @@ default_cfgs = generate_default_cfgs({
 })
 
 
+# Architecture arguments that a tag's weights were trained with. timm's PretrainedCfg has no field for them (timm
+# gives each patch size its own model name), so the model functions add them: 'aft_conv_tiny.cifar10' builds the
+# 4-px-patch model its weights need instead of resampling them to 16 px. Arguments of the call still win.
+TAG_MODEL_ARGS: Dict[str, Dict[str, Any]] = {
+    'aft_conv_tiny.cifar10': dict(img_size=32, patch_size=4),
+    'aft_conv_tiny.imagenette': dict(img_size=128),
+}
+
+
+def _tag_of(pretrained_cfg: Any) -> Optional[str]:
+    """The pretrained tag a create_model call selects: 'name.tag' arrives as pretrained_cfg='tag'."""
+    if isinstance(pretrained_cfg, str):
+        return pretrained_cfg
+    if isinstance(pretrained_cfg, dict):
+        return pretrained_cfg.get('tag')
+    return getattr(pretrained_cfg, 'tag', None)
+
+
 def _model(variant: str, pretrained: bool, model_args: Dict[str, Any], kwargs: Dict[str, Any]) -> AftVisionTransformer:
-    return _create_aft_vit(variant, pretrained=pretrained, **dict(model_args, **kwargs))
+    tag_args = TAG_MODEL_ARGS.get(f'{variant}.{_tag_of(kwargs.get("pretrained_cfg"))}', {})
+    return _create_aft_vit(variant, pretrained=pretrained, **{**model_args, **tag_args, **kwargs})
 
 
 @register_model
