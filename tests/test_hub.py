@@ -330,3 +330,12 @@ def test_readme_quick_start_names_the_photo(hub, tmp_path):
                             cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[0] == 'cat', result.stdout
+
+
+def test_small_data_tags_are_opt_in():
+    """The default tag stays the untrained ImageNet-1k config: aft_conv_tiny is not silently a CIFAR-10 model."""
+    default = timm.create_model('aft_conv_tiny')
+    assert default.pretrained_cfg['tag'] == 'untrained' and default.num_classes == 1000
+    assert default.patch_embed.proj.weight.shape[-1] == 16
+    tagged = timm.create_model('aft_conv_tiny.cifar10', patch_size=8)  # the call's arguments win over the tag's
+    assert tagged.patch_embed.proj.weight.shape[-1] == 8 and tagged.num_classes == 10

@@ -75,6 +75,7 @@ from timm.models._input import update_model_args, update_model_input_size
 from timm.models.vision_transformer import get_init_weights_vit
 
 from aft_vit.errors import PretrainedWeightsError
+from aft_vit.labels import imagenet_descriptions
 from aft_vit.layers import AftConv, AftFull, AftLocal, AftSimple
 
 __all__ = ['AftVisionTransformer', 'AftBlock', 'checkpoint_filter_fn', 'check_image_input']
@@ -649,11 +650,29 @@ def _conv_cfg(**kwargs) -> Dict[str, Any]:
     return _cfg(fixed_input_size=False, **kwargs)
 
 
-# No weights exist yet: every architecture has only its untrained ImageNet-1k config.
+# The small datasets the published weights were trained on (../shared/data/README.md): class folders in sorted order.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+IMAGENETTE_WNIDS = ('n01440764', 'n02102040', 'n02979186', 'n03000684', 'n03028079', 'n03394916', 'n03417042',
+                    'n03425413', 'n03445777', 'n03888257')
+
+# No ImageNet-1k weights exist: each architecture's default tag is its untrained ImageNet-1k config.
+# Weights trained here on small datasets (weights/<model>.<tag>/, README "Results") have their own tags; their
+# Hub repositories hold exactly those folders.
 default_cfgs = generate_default_cfgs({
     'aft_full_tiny.untrained': _cfg(),
     'aft_full_small.untrained': _cfg(),
-    'aft_conv_tiny.untrained': _conv_cfg(),
+    'aft_conv_tiny.cifar10': _conv_cfg(
+        hf_hub_id='aft-vit/aft_conv_tiny.cifar10', num_classes=10, input_size=(3, 32, 32), crop_pct=1.0,
+        mean=CIFAR10_MEAN, std=CIFAR10_STD, label_names=CIFAR10_CLASSES,
+        description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px, 4 px patches (2-core CPU budget).'),
+    'aft_conv_tiny.imagenette': _conv_cfg(
+        hf_hub_id='aft-vit/aft_conv_tiny.imagenette', num_classes=10, input_size=(3, 128, 128), crop_pct=0.875,
+        label_names=IMAGENETTE_WNIDS, label_descriptions=imagenet_descriptions(IMAGENETTE_WNIDS),
+        description='Trained from scratch on Imagenette at 128 px (2-core CPU budget).'),
+    # '*' after the tags with weights: the untrained ImageNet-1k config stays the default, the small-data tags opt-in
+    'aft_conv_tiny.untrained*': _conv_cfg(),
     'aft_conv_tiny_h192.untrained': _conv_cfg(),
     'aft_conv_small.untrained': _conv_cfg(),
     'aft_conv_small_h384.untrained': _conv_cfg(),
