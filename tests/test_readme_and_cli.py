@@ -1,10 +1,12 @@
 """README.md stays true: its usage example runs, its commands match .ci/run, its ours-column matches the models."""
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import timm
+import yaml
 
 from aft_vit.cli import main
 
@@ -17,7 +19,7 @@ def _blocks(lang):
 
 
 def test_usage_example_runs_and_prints_what_it_claims():
-    code = next(b for b in _blocks('python') if 'create_model' in b)
+    code = next(b for b in _blocks('python') if 'create_model' in b and 'chelsea' not in b)
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert 'torch.Size([2, 10])' in out
 
@@ -50,3 +52,25 @@ def test_readme_parameter_column_matches_models(capsys):
 def test_models_command_rejects_unknown_filter(capsys):
     assert main(['models', 'nothing_like_this*']) == 2
     assert 'no AFT model matches' in capsys.readouterr().err
+
+
+def test_results_table_shows_the_measured_results():
+    """Every row of README's results table is what results/<data>/<model>/ recorded (eval JSON, epochs, size)."""
+    rows = re.findall(r'^\| (cifar10|imagenette) \| (\d+) px \| (\d+) px \| (\d+) \| ([\d.]+) \| ([\d.]+) \|',
+                      README, flags=re.M)
+    assert len(rows) == 3
+    for data, trained_px, eval_px, epochs, *shown in rows:
+        for model, top1 in zip(('aft_conv_tiny', 'deit_tiny'), shown):
+            run = ROOT / 'results' / data / model
+            measured = json.loads((run / f'eval_{eval_px}.json').read_text())
+            assert top1 == f'{measured["top1"]:.2f}', (data, model, eval_px)
+            args = yaml.safe_load((run / 'args.yaml').read_text())
+            assert (args['img_size'], args['epochs']) == (int(trained_px), int(epochs))
+            assert len((run / 'summary.csv').read_text().strip().splitlines()) == int(epochs) + 1
+
+
+def test_training_curves_plot_from_the_results(tmp_path):
+    out = tmp_path / 'curves.png'
+    subprocess.run([sys.executable, str(ROOT / 'results' / 'plot_curves.py'), '--out', str(out)], check=True,
+                   capture_output=True)
+    assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
