@@ -16,6 +16,10 @@ def _is_aft_item(item) -> bool:
     if callspec is None:
         return False
     name = callspec.params.get('model_name')
+    if item.originalname == 'test_model_load_pretrained':
+        # downloads from huggingface.co, which tests must never need; tests/test_hub.py loads every published tag
+        # with the same timm.create_model(tag, pretrained=True) call from a Hub server on 127.0.0.1
+        return False
     return isinstance(name, str) and name.split('.')[0] in AFT_MODELS
 
 
