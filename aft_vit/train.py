@@ -32,7 +32,7 @@ from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader, re
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
-from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.scheduler import PlateauLRScheduler, create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask
 from timm.utils import (
     NativeScaler, ParseKwargs, dispatch_clip_grad, get_outdir, init_distributed_device, random_seed, update_summary)
@@ -293,7 +293,9 @@ def _resume(args, task, optimizer, scheduler, loss_scaler) -> Tuple[int, Optiona
                      checkpoint=checkpoint)
     if not args.no_resume_opt and 'optimizer' in checkpoint:
         optimizer.load_state_dict(checkpoint['optimizer'])
-        if 'scheduler' in checkpoint:
+        if 'scheduler' in checkpoint and isinstance(scheduler, PlateauLRScheduler):
+            # only the plateau schedule has history (its best metric, bad-epoch count); the others are functions of
+            # the epoch and this run's arguments, rebuilt below, so a resume with a larger --epochs extends the run
             scheduler.load_state_dict(checkpoint['scheduler'])
         if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
             loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])

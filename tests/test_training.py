@@ -137,6 +137,26 @@ def test_resume_after_a_kill_gives_identical_weights(cifar_tiny, tmp_path):
     assert _summary(run)[1]['train_loss'] == _summary(tmp_path / 'straight')[1]['train_loss']
 
 
+def test_resume_with_more_epochs_extends_the_schedule(cifar_tiny, tmp_path):
+    """A finished 1-epoch run resumed with --epochs 3 follows the 3-epoch schedule, not the checkpoint's old one."""
+    at = RESUME_ARGS.index('--epochs') + 1
+
+    def epochs(n):
+        return [*RESUME_ARGS[:at], n, *RESUME_ARGS[at + 1:]]
+
+    _aft_vit('train', '--data-dir', cifar_tiny, *epochs(3), '--output', tmp_path, '--experiment', 'straight')
+    _aft_vit('train', '--data-dir', cifar_tiny, *epochs(1), '--output', tmp_path, '--experiment', 'short')
+    _aft_vit('train', '--data-dir', cifar_tiny, *epochs(3), '--output', tmp_path, '--experiment', 'short',
+             '--resume', tmp_path / 'short' / 'last.pth.tar')
+
+    # summary.csv's lr is the one set for the next epoch
+    straight, extended = _summary(tmp_path / 'straight'), _summary(tmp_path / 'short')
+    assert [r['epoch'] for r in extended] == ['0', '1', '2']
+    assert float(extended[0]['lr']) < 0.5 * float(straight[0]['lr'])  # epoch 0 really ended a 1-epoch schedule
+    for row in (1, 2):
+        assert float(extended[row]['lr']) == pytest.approx(float(straight[row]['lr']), rel=1e-9)
+
+
 def test_torchrun_two_processes_match_one_process(cifar_tiny, tmp_path):
     """One step per epoch over all 320 images: 2 ranks x 160 must equal 1 process x 320 (DDP averages gradients).
 
