@@ -45,7 +45,10 @@ def _model_card(name: str, model, results: Dict[str, Any], trained_with: Dict[st
     params = sum(p.numel() for p in model.parameters()) / 1e6
     size = results['data_config']['input_size']
     split = Path(results['split']).name
-    command = trained_with.get('command') or '(not recorded in the checkpoint)'
+    history = trained_with.get('command_history') or [trained_with.get('command') or '(not recorded in the checkpoint)']
+    command = '\n'.join(history)
+    resumed = (f'Trained in {len(history)} runs, each resuming from the previous one\'s checkpoint (`--resume`):\n\n'
+               if len(history) > 1 else '')
     recipe = trained_with.get('config') or '(command-line arguments only)'
     repo = args.repo_id or f'ORG/{name}'
     return f'''---
@@ -87,7 +90,7 @@ Weights: {'the EMA weights' if args.ema_used else 'the trained weights'} of `{Pa
 
 Recipe: `{recipe}`
 
-```bash
+{resumed}```bash
 {command}
 ```
 

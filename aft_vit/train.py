@@ -300,7 +300,16 @@ def _resume(args, task, optimizer, scheduler, loss_scaler) -> Tuple[int, Optiona
         if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
             loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
     start_epoch = checkpoint.get('epoch', -1) + (1 if checkpoint.get('version', 1) > 1 else 0)
+    args.command_history = _command_history(checkpoint.get('args') or {}) + args.command_history
     return start_epoch, checkpoint.get('metric')
+
+
+def _command_history(trained_with: Dict[str, Any]) -> List[str]:
+    """The commands a checkpoint's run took, in order: a resumed run's weights come from all of them."""
+    history = trained_with.get('command_history')
+    if history:
+        return list(history)
+    return [trained_with['command']] if trained_with.get('command') else []
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
@@ -383,6 +392,7 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         updates_per_epoch=len(loader_train))
 
     start_epoch, best_metric = 0, None
+    args.command_history = [args.command] if getattr(args, 'command', None) else []
     if args.resume:
         start_epoch, best_metric = _resume(args, task, optimizer, scheduler, loss_scaler)
     if start_epoch > 0:  # timm's schedulers are functions of the epoch / update count: set them to where we are

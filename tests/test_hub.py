@@ -5,6 +5,7 @@ HF_HOME, so huggingface_hub's real download, cache and offline-reuse code runs.
 """
 import json
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -81,6 +82,22 @@ def test_publish_writes_timm_hub_folder(published, checkpoint, cifar_tiny, tmp_p
              '--json', tmp_path / 'e.json', '--no-progress', '-j', 0)
     top1 = json.loads((tmp_path / 'e.json').read_text())['top1']
     assert f'| test | 100 | {top1:.2f} |' in card
+
+
+def test_card_of_a_resumed_run_lists_every_command(checkpoint, cifar_tiny, tmp_path):
+    """Weights from a run resumed with --epochs 2 come from two commands: the card shows both, in order."""
+    run = tmp_path / 'r'
+    shutil.copytree(checkpoint.parent, run)
+    _aft_vit('train', '--data-dir', cifar_tiny, *small_model(1), '-b', 32, '--epochs', 2, '--lr', 1e-3,
+             '--no-aug', '--model-ema', '--model-ema-decay', 0.5, '--output', tmp_path, '--experiment', 'r',
+             '--no-progress', '-j', 0, '--resume', run / 'last.pth.tar')
+    _aft_vit('publish', '--checkpoint', run / 'last.pth.tar', '--tag', 'resumed', '--data-dir', cifar_tiny, *PUBLISH,
+             '--output', tmp_path / 'weights')
+    card = (tmp_path / 'weights' / 'aft_conv_tiny.resumed' / 'README.md').read_text()
+    commands = [line for line in card.splitlines() if line.startswith('aft-vit train ')]
+    assert len(commands) == 2 and 'Trained in 2 runs' in card
+    assert '--resume' not in commands[0] and '--epochs 1' in commands[0]
+    assert '--resume' in commands[1] and '--epochs 2' in commands[1]
 
 
 def test_publish_refuses_to_overwrite_and_leaves_nothing_half_written(published, checkpoint, cifar_tiny):
@@ -162,7 +179,6 @@ def test_loading_resamples_position_parameters(cifar_tiny, tmp_path):
 
 
 def test_bad_weights_get_clear_errors(published, tmp_path):
-    import shutil
     broken = tmp_path / 'truncated'
     shutil.copytree(published, broken)
     data = (broken / 'model.safetensors').read_bytes()

@@ -155,6 +155,9 @@ def test_resume_with_more_epochs_extends_the_schedule(cifar_tiny, tmp_path):
     assert float(extended[0]['lr']) < 0.5 * float(straight[0]['lr'])  # epoch 0 really ended a 1-epoch schedule
     for row in (1, 2):
         assert float(extended[row]['lr']) == pytest.approx(float(straight[row]['lr']), rel=1e-9)
+    history = torch.load(tmp_path / 'short' / 'last.pth.tar', weights_only=True)['args']['command_history']
+    assert len(history) == 2 and '--resume' not in history[0] and '--resume' in history[1]
+    assert ['--epochs', '1'] == history[0].split()[history[0].split().index('--epochs'):][:2]
 
 
 def test_torchrun_two_processes_match_one_process(cifar_tiny, tmp_path):
