@@ -1,4 +1,5 @@
 """README.md stays true: its usage example runs, its commands match .ci/run, its ours-column matches the models."""
+import importlib.util
 import json
 import re
 import subprocess
@@ -67,6 +68,16 @@ def test_results_table_shows_the_measured_results():
             args = yaml.safe_load((run / 'args.yaml').read_text())
             assert (args['img_size'], args['epochs']) == (int(trained_px), int(epochs))
             assert len((run / 'summary.csv').read_text().strip().splitlines()) == int(epochs) + 1
+
+
+def test_plot_marks_where_a_run_was_resumed_with_a_longer_schedule():
+    spec = importlib.util.spec_from_file_location('plot_curves', ROOT / 'results' / 'plot_curves.py')
+    plot_curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_curves)
+    warmup_then_cosine = [1e-3, 7e-4, 3e-4, 1e-5]
+    assert plot_curves.schedule_restarts(warmup_then_cosine) == []
+    assert plot_curves.schedule_restarts([5e-4, *warmup_then_cosine]) == []  # a 2-epoch warm-up is no restart
+    assert plot_curves.schedule_restarts([*warmup_then_cosine, 6e-4, 2e-4]) == [4]
 
 
 def test_training_curves_plot_from_the_results(tmp_path):
