@@ -337,7 +337,7 @@ def test_registry_tag_downloads_its_weights_from_the_hub(hub, folder, tmp_path):
 
 
 def test_readme_quick_start_names_the_photo(hub, tmp_path):
-    """README's quick start, run as written against the Hub mirror, prints what README says it prints."""
+    """README's quick start, run as written against the Hub mirror, prints what README says, and calls the cat a cat."""
     readme = (ROOT / 'README.md').read_text(encoding='utf-8')
     code = next(b for b in re.findall(r'```python\n(.*?)```', readme, flags=re.S) if 'chelsea' in b)
     env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path), HF_HUB_DISABLE_TELEMETRY='1')
@@ -346,6 +346,7 @@ def test_readme_quick_start_names_the_photo(hub, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     claimed = re.search(r'# prints: (.*)', code).group(1).strip()
     assert result.stdout.strip().splitlines()[-1] == claimed, result.stdout
+    assert claimed.split()[0] == 'cat', f'the published CIFAR-10 weights misclassify chelsea: {claimed}'
 
 
 def test_small_data_tags_are_opt_in():
