@@ -3,7 +3,7 @@ written atomically so that a kill at any moment leaves the previous file whole."
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 
@@ -48,3 +48,11 @@ def check_architecture(checkpoint: Dict[str, Any], path: str, model_name: str) -
     if arch is not None and arch.split('.')[0] != model_name.split('.')[0]:
         raise UserInputError(f'checkpoint {path} is for {arch}, not {model_name}; pass --model {arch} '
                              'or a checkpoint of this model')
+
+
+def command_history(trained_with: Dict[str, Any]) -> List[str]:
+    """The commands a checkpoint's run took (its ``args``), in order: a resumed run's weights come from all of them."""
+    history = trained_with.get('command_history')
+    if history:
+        return list(history)
+    return [trained_with['command']] if trained_with.get('command') else []

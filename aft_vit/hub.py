@@ -20,7 +20,7 @@ from timm.models import save_for_hf
 
 import aft_vit
 from . import evaluate
-from .checkpoint import load_checkpoint_file
+from .checkpoint import command_history, load_checkpoint_file
 from .errors import UserInputError
 from .labels import imagenet_descriptions
 
@@ -45,7 +45,7 @@ def _model_card(name: str, model, results: Dict[str, Any], trained_with: Dict[st
     params = sum(p.numel() for p in model.parameters()) / 1e6
     size = results['data_config']['input_size']
     split = Path(results['split']).name
-    history = trained_with.get('command_history') or [trained_with.get('command') or '(not recorded in the checkpoint)']
+    history = command_history(trained_with) or ['(not recorded in the checkpoint)']
     command = '\n'.join(history)
     resumed = (f'Trained in {len(history)} runs, each resuming from the previous one\'s checkpoint (`--resume`):\n\n'
                if len(history) > 1 else '')

@@ -39,7 +39,7 @@ from timm.utils import (
 from timm.utils.summary import trim_summary
 
 import aft_vit  # noqa: F401  registers the aft models
-from .checkpoint import CHECKPOINT_VERSION, check_architecture, load_checkpoint_file, save_atomic
+from .checkpoint import CHECKPOINT_VERSION, check_architecture, command_history, load_checkpoint_file, save_atomic
 from .factory import create_model_checked, load_weights
 from .data import check_image_folder, resolve_split_dir
 from .errors import UserInputError
@@ -300,16 +300,8 @@ def _resume(args, task, optimizer, scheduler, loss_scaler) -> Tuple[int, Optiona
         if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
             loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
     start_epoch = checkpoint.get('epoch', -1) + (1 if checkpoint.get('version', 1) > 1 else 0)
-    args.command_history = _command_history(checkpoint.get('args') or {}) + args.command_history
+    args.command_history = command_history(checkpoint.get('args') or {}) + args.command_history
     return start_epoch, checkpoint.get('metric')
-
-
-def _command_history(trained_with: Dict[str, Any]) -> List[str]:
-    """The commands a checkpoint's run took, in order: a resumed run's weights come from all of them."""
-    history = trained_with.get('command_history')
-    if history:
-        return list(history)
-    return [trained_with['command']] if trained_with.get('command') else []
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:

@@ -5,8 +5,8 @@ HF_HOME, so huggingface_hub's real download, cache and offline-reuse code runs.
 """
 import json
 import os
-import shutil
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
