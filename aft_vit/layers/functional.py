@@ -25,14 +25,16 @@ All functions are plain tensor code: they run under autocast, on the meta
 device, in TorchScript and ``torch.compile``; timm's FX tracer treats them as
 leaf calls (their argument checks branch on shapes).
 """
-from typing import List
+import functools
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ['aft_full', 'aft_simple', 'aft_local', 'aft_conv2d', 'local_window_mask', 'local_window_mask_2d']
+__all__ = ['aft_full', 'aft_simple', 'aft_local', 'aft_conv2d', 'aft_conv2d_dense', 'conv_window_weights',
+           'dense_is_cheaper', 'local_window_mask', 'local_window_mask_2d']
 
 
 def _check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -234,22 +236,187 @@ def _suffix_after(x: torch.Tensor, radius: int) -> torch.Tensor:
     return F.pad(tail.flip(-1).cumsum(dim=-1).flip(-1), (0, min(radius + 1, size)))
 
 
-def _window_bias_dense(table: torch.Tensor, height: int, width: int, kernel_size: int) -> torch.Tensor:
-    """(h, T, T) weights: table[:, (y'-y+r) * s + (x'-x+r)] inside the window, table[:, s*s] outside."""
+def _window_index(height: int, width: int, kernel_size: int, device: torch.device) -> torch.Tensor:
+    """(T * T,) int64, key-major: entry [t', t] indexes the (h, s*s + 1) table for key t' and query t.
+
+    ``(y'-y+r) * s + (x'-x+r)`` inside the window, ``s * s`` (the outside slot) elsewhere. It depends on the
+    grid alone, so eager code builds it once per grid and device (:func:`_cached_window_index`).
+    """
     radius = kernel_size // 2
-    ys = torch.arange(height, device=table.device).repeat_interleave(width)
-    xs = torch.arange(width, device=table.device).repeat(height)
-    dy = ys.unsqueeze(0) - ys.unsqueeze(1) + radius  # key row - query row + r
-    dx = xs.unsqueeze(0) - xs.unsqueeze(1) + radius
+    ys = torch.arange(height, device=device).repeat_interleave(width)
+    xs = torch.arange(width, device=device).repeat(height)
+    dy = ys.unsqueeze(1) - ys.unsqueeze(0) + radius  # rows: key t', columns: query t
+    dx = xs.unsqueeze(1) - xs.unsqueeze(0) + radius
     inside = (dy >= 0) & (dy < kernel_size) & (dx >= 0) & (dx < kernel_size)
     index = torch.where(inside, dy * kernel_size + dx, torch.full_like(dy, kernel_size * kernel_size))
-    return table.index_select(1, index.flatten()).view(table.shape[0], index.shape[0], index.shape[1])
+    return index.flatten()
+
+
+@torch.jit.unused
+@functools.lru_cache(maxsize=64)
+def _cached_window_index(height: int, width: int, kernel_size: int, device: torch.device) -> torch.Tensor:
+    """:func:`_window_index`, built outside inference mode so that autograd may save it for backward when
+    a later training step reuses it."""
+    with torch.inference_mode(False), torch.no_grad():
+        return _window_index(height, width, kernel_size, device)
+
+
+def conv_window_weights(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The (h, T, T) key-by-query weights ``exp(w[t, t'] - c)`` that :func:`aft_conv2d_dense` multiplies by.
+
+    Row t' (key), column t (query): ``exp(weight[i, y'-y+s//2, x'-x+s//2] - c)`` inside the window,
+    ``exp(-c)`` outside, with ``c = max(0, max(weight[i]))`` per head so nothing overflows (it cancels).
+    Depends on the kernel and the grid only: a mixer in inference builds it once and reuses it.
+    """
+    num_heads, kernel_size = weight.shape[0], weight.shape[-1]
+    shift = weight.detach().amax(dim=[1, 2]).clamp_min(0.)  # (h,)
+    table = torch.cat([(weight - shift[:, None, None]).flatten(1), -shift.unsqueeze(1)], dim=1).exp()
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():
+        index = _window_index(height, width, kernel_size, weight.device)
+    else:
+        index = _cached_window_index(height, width, kernel_size, weight.device)
+    num_tokens = height * width
+    return table.index_select(1, index).view(num_heads, num_tokens, num_tokens)
 
 
 def dense_is_cheaper(num_tokens: int, kernel_size: int) -> bool:
-    """The dense (h, T, T) product does T^2 work per channel, the convolution T s^2 but at a far lower rate
-    on a CPU; up to 2 s^2 tokens (measured on a 2-core CPU) the dense product wins."""
+    """The dense product does T^2 work per channel, the convolution T s^2 but at a far lower rate on a
+    CPU (a depthwise s x s convolution, plus the prefix sums outside the window); up to 2 s^2 tokens the
+    dense product wins on both the Intel and the AMD 2-core CPUs (benchmarks/README.md)."""
     return num_tokens <= 2 * kernel_size * kernel_size
+
+
+def _dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense AFT-conv on (B, T, C) q, v, (B, T, h) k: the output and, for backward, x, y and sigmoid(q).
+
+    ``x`` stacks each head's numerator and denominator inputs as (h, B, d + 1, T), tokens last, so that
+    each head's product is one (B (d + 1), T) @ (T, T) matrix product, efficient even at batch 1; ``y`` is
+    that product. Computed in float32 at least (float64 stays float64): bfloat16 exp-weights would lose the
+    bias' precision, and on CPUs without AMX a float32 product is as fast. The output has ``v``'s dtype.
+    """
+    batch, num_tokens, channels = q.shape
+    num_heads = k.shape[-1]
+    head_dim = channels // num_heads
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        exp_k = torch.exp(k.to(dtype) - k.detach().amax(dim=1, keepdim=True).to(dtype))  # (B, T, h)
+        exp_k_t = exp_k.permute(2, 0, 1).unsqueeze(2)  # (h, B, 1, T)
+        x = torch.empty(num_heads, batch, head_dim + 1, num_tokens, dtype=dtype, device=v.device)
+        torch.mul(exp_k_t, v.reshape(batch, num_tokens, num_heads, head_dim).permute(2, 0, 3, 1),
+                  out=x[:, :, :head_dim])
+        x[:, :, head_dim:] = exp_k_t
+        y = torch.bmm(x.view(num_heads, -1, num_tokens), weights.to(dtype))
+        y = y.view(num_heads, batch, head_dim + 1, num_tokens)
+        gate = torch.sigmoid(q)
+        out = torch.empty(batch, num_tokens, num_heads, head_dim, dtype=v.dtype, device=v.device)
+        torch.mul(gate.reshape(batch, num_tokens, num_heads, head_dim),
+                  (y[:, :, :head_dim] / _denominator(y, head_dim)).permute(1, 3, 0, 2), out=out)
+    return out.view(batch, num_tokens, channels), x, y, gate
+
+
+class _AftConvDense(torch.autograd.Function):
+    """Dense AFT-conv (:func:`_dense_forward`) with a hand-written backward: three matrix products per step
+    (one forward, two backward) and a few elementwise passes, instead of autograd's graph of a dozen ops and
+    the recomputation of the whole forward that checkpointing would need to keep memory down. Saved for
+    backward: x, y and sigmoid(q), about what attention saves (q, k, v, out).
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out, x, y, gate = _dense_forward(q, k, v, weights)
+        ctx.save_for_backward(x, y, gate, weights)
+        ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, y, gate, weights = ctx.saved_tensors
+        num_heads, batch, group, num_tokens = x.shape
+        head_dim = group - 1
+        dtype = x.dtype
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.reshape(batch, num_tokens, num_heads, head_dim)
+            gate = gate.reshape(batch, num_tokens, num_heads, head_dim)
+            den = _denominator(y, head_dim)  # (h, B, 1, T)
+            out = y[:, :, :head_dim] / den  # (h, B, d, T)
+            grad_q = torch.ops.aten.sigmoid_backward(grad * out.permute(1, 3, 0, 2), gate)
+            grad_y = torch.empty_like(x)  # d loss / d (numerator, denominator)
+            num_grad = grad_y[:, :, :head_dim]
+            torch.mul(grad.permute(2, 0, 3, 1), gate.permute(2, 0, 3, 1), out=num_grad)
+            num_grad.div_(den)
+            torch.sum(num_grad * out, dim=2, keepdim=True, out=grad_y[:, :, head_dim:]).neg_()
+            grad_y = grad_y.view(num_heads, -1, num_tokens)
+            grad_x = torch.bmm(grad_y, weights.to(dtype).transpose(1, 2)).view_as(x)
+            grad_weights = None
+            if ctx.needs_input_grad[3]:
+                grad_weights = torch.bmm(x.view(num_heads, -1, num_tokens).transpose(1, 2), grad_y)
+                grad_weights = grad_weights.to(weights.dtype)
+            # x = [exp(k) v, exp(k)]: d/dk sums grad_x * x over the head's d + 1 channels
+            grad_k = (grad_x * x).sum(dim=2).permute(1, 2, 0)  # (B, T, h)
+            grad_v = (grad_x[:, :, :head_dim] * x[:, :, head_dim:]).permute(1, 3, 0, 2)
+        q_dtype, k_dtype, v_dtype = ctx.input_dtypes
+        return (grad_q.reshape(batch, num_tokens, -1).to(q_dtype), grad_k.to(k_dtype),
+                grad_v.reshape(batch, num_tokens, -1).to(v_dtype), grad_weights)
+
+
+def _denominator(y: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The denominator channel of (h, B, d + 1, T) sums, where a fully underflowed sum (only for pathological
+    inputs, where the numerator is 0 too) is replaced by 1 so the result is 0 instead of NaN."""
+    den = y[:, :, head_dim:]
+    return torch.where(den > 0, den, torch.ones_like(den))
+
+
+@register_notrace_function
+def aft_conv2d_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """AFT-conv's dense path on precomputed weights: ``weights`` from :func:`conv_window_weights`.
+
+    Args:
+        q, v: (B, H, W, C); k: (B, H, W, h); weights: (h, T, T) with T = H * W.
+
+    Returns:
+        (B, H, W, C), as :func:`aft_conv2d`. For mixers that reuse ``weights`` while the kernel is unchanged.
+    """
+    batch, height, width, channels = q.shape
+    num_heads, num_tokens = k.shape[-1], height * width
+    if weights.shape != (num_heads, num_tokens, num_tokens):
+        raise ValueError(
+            f'aft_conv2d_dense: weights must be (h, T, T) = ({num_heads}, {num_tokens}, {num_tokens}), '
+            f'got {weights.shape}')
+    q, k, v = q.reshape(batch, num_tokens, channels), k.reshape(batch, num_tokens, num_heads), \
+        v.reshape(batch, num_tokens, channels)
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():
+        out = _dense_product(q, k, v, weights)  # autograd (or the compiler) derives the backward
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or weights.requires_grad):
+        out = _dense_product_function(q, k, v, weights)
+    else:
+        out = _dense_product_no_grad(q, k, v, weights)
+    return out.reshape(batch, height, width, channels)
+
+
+@torch.jit.unused
+def _dense_product_no_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return _dense_forward(q, k, v, weights)[0]
+
+
+@torch.jit.unused
+def _dense_product_function(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return _AftConvDense.apply(q, k, v, weights)
+
+
+def _dense_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The forward of :class:`_AftConvDense` in plain tensor ops, for TorchScript and torch.compile."""
+    batch, num_tokens, channels = q.shape
+    num_heads = k.shape[-1]
+    head_dim = channels // num_heads
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    exp_k = torch.exp(k.to(dtype) - k.detach().amax(dim=1, keepdim=True).to(dtype)).permute(2, 0, 1).unsqueeze(2)
+    values = v.to(dtype).reshape(batch, num_tokens, num_heads, head_dim).permute(2, 0, 3, 1)
+    x = torch.cat([exp_k * values, exp_k], dim=2)  # (h, B, d + 1, T)
+    y = torch.bmm(x.reshape(num_heads, batch * (head_dim + 1), num_tokens), weights.to(dtype))
+    y = y.view(num_heads, batch, head_dim + 1, num_tokens)
+    out = (y[:, :, :head_dim] / _denominator(y, head_dim)).permute(1, 3, 0, 2).reshape(batch, num_tokens, channels)
+    return (torch.sigmoid(q) * out).to(v.dtype)
 
 
 @register_notrace_function
@@ -300,17 +467,18 @@ def aft_conv2d(
         raise ValueError(f"aft_conv2d: method must be 'auto', 'conv' or 'dense', got '{method}'")
     if method == 'auto':
         method = 'dense' if dense_is_cheaper(height * width, kernel_size) else 'conv'
+    if method == 'dense':
+        return aft_conv2d_dense(q, k, v, conv_window_weights(weight, height, width))
     needs_grad = q.requires_grad or k.requires_grad or v.requires_grad or weight.requires_grad
     if torch.is_grad_enabled() and needs_grad and not torch.jit.is_scripting():
-        # keep only the inputs for backward and recompute the rest there: the (h, T, B, C/h + 1)
-        # intermediates would otherwise dominate training memory, and recomputing is cheaper than storing
-        return checkpoint(_aft_conv2d_core, q, k, v, weight, method, use_reentrant=False)
-    return _aft_conv2d_core(q, k, v, weight, method)
+        # keep only the inputs for backward and recompute the rest there: the (B, H, W, h (d + 1))
+        # intermediates would otherwise dominate training memory at the large grids this path serves
+        return checkpoint(_aft_conv2d_conv, q, k, v, weight, use_reentrant=False)
+    return _aft_conv2d_conv(q, k, v, weight)
 
 
-def _aft_conv2d_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
-                     method: str) -> torch.Tensor:
-    """The computation of :func:`aft_conv2d` on checked inputs, by ``method`` ('conv' or 'dense')."""
+def _aft_conv2d_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The convolution path of :func:`aft_conv2d` on checked inputs: O(T s^2) work, O(B T C) memory."""
     batch, height, width, channels = q.shape
     num_heads = k.shape[3]
     kernel_size = weight.shape[-1]
@@ -319,22 +487,7 @@ def _aft_conv2d_core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: 
     shift = weight.detach().amax(dim=[1, 2]).clamp_min(0.)  # (h,)
     window_kernel = torch.exp(weight - shift[:, None, None])  # (h, s, s), in (0, 1]
     outside_weight = torch.exp(-shift)  # (h,)
-
     exp_k = torch.exp(k - k.detach().amax(dim=[1, 2], keepdim=True))  # (B, H, W, h)
-    if method == 'dense':
-        # head-major (h, T, B, d + 1) from the start, so the product needs no transposing copies
-        num_tokens = height * width
-        exp_k_t = exp_k.reshape(batch, num_tokens, num_heads).permute(2, 1, 0).unsqueeze(-1)
-        v_t = v.reshape(batch, num_tokens, num_heads, head_dim).permute(2, 1, 0, 3)
-        stacked = torch.cat([exp_k_t * v_t, exp_k_t], dim=-1)  # (h, T, B, d + 1), contiguous
-        table = torch.cat([window_kernel.flatten(1), outside_weight.unsqueeze(1)], dim=1)
-        bias = _window_bias_dense(table, height, width, kernel_size).to(stacked.dtype)  # (h, T, T)
-        total = torch.bmm(bias, stacked.reshape(num_heads, num_tokens, batch * group))
-        total = total.reshape(num_heads, num_tokens, batch, group)
-        out = _safe_divide(total[..., :head_dim], total[..., head_dim:])  # (h, T, B, d)
-        gate = torch.sigmoid(q).reshape(batch, num_tokens, num_heads, head_dim)  # token-major, contiguous
-        return (gate * out.permute(2, 1, 0, 3)).reshape(batch, height, width, channels)
-
     exp_k_v = exp_k.unsqueeze(-1) * v.reshape(batch, height, width, num_heads, head_dim)
     # (B, H, W, h, d + 1): per head, d numerator channels then one denominator channel
     stacked = torch.cat([exp_k_v, exp_k.unsqueeze(-1)], dim=-1)

@@ -8,10 +8,13 @@ resolution. Queries, keys and values come from one fused ``qkv`` linear layer
 from typing import Tuple
 
 import torch
+import torch.fx
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 
-from .functional import aft_conv2d, aft_full, aft_simple, local_window_mask_2d
+from .cache import ParameterDerivedCache
+from .functional import (
+    aft_conv2d, aft_conv2d_dense, aft_full, aft_simple, conv_window_weights, dense_is_cheaper, local_window_mask_2d)
 
 __all__ = ['AftFull', 'AftLocal', 'AftSimple', 'AftConv']
 
@@ -168,6 +171,7 @@ class AftConv(nn.Module):
         self.kernel_beta = nn.Parameter(torch.empty(num_heads, **dd))
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
+        self._derived = ParameterDerivedCache()
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -185,6 +189,29 @@ class AftConv(nn.Module):
         batch = x.shape[0]
         qkv = self.qkv(x).reshape(batch, feat_size[0], feat_size[1], -1)
         q, k, v = qkv.split([self.dim, self.num_heads, self.dim], dim=-1)
-        x = aft_conv2d(q, k, v, self.position_kernel())
+        if not torch.jit.is_scripting() and self._kernel_is_constant():
+            x = self._mix_reusing_kernel(q, k, v)
+        else:
+            x = aft_conv2d(q, k, v, self.position_kernel())
         x = x.reshape(batch, -1, self.dim)
         return self.proj_drop(self.proj(x))
+
+    @torch.jit.unused
+    def _kernel_is_constant(self) -> bool:
+        """No gradient flows to the kernel (inference, frozen weights) and no tracer records the forward:
+        then what is derived from the kernel can be reused until the kernel's parameters change."""
+        if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            return False
+        params = (self.kernel, self.kernel_gamma, self.kernel_beta)
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+
+    @torch.jit.unused
+    def _mix_reusing_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """:func:`aft_conv2d` with the effective kernel, and the dense weights of each grid, built once."""
+        height, width = q.shape[1], q.shape[2]
+        params = (self.kernel, self.kernel_gamma, self.kernel_beta)
+        kernel = self._derived.get(params, 'kernel', self.position_kernel)
+        if not dense_is_cheaper(height * width, self.kernel_size):
+            return aft_conv2d(q, k, v, kernel, method='conv')
+        weights = self._derived.get(params, ('dense', height, width), lambda: conv_window_weights(kernel, height, width))
+        return aft_conv2d_dense(q, k, v, weights)
