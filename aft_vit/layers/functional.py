@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from torch.utils.checkpoint import checkpoint
 
+from .dense import aft_dense, positive_weights
+
 __all__ = ['aft_full', 'aft_simple', 'aft_local', 'aft_conv2d', 'aft_conv2d_dense', 'conv_window_weights',
            'dense_is_cheaper', 'local_window_mask', 'local_window_mask_2d']
 
@@ -64,23 +66,8 @@ def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def _bias_weighted_mean(k: torch.Tensor, v: torch.Tensor, pos_bias: torch.Tensor) -> torch.Tensor:
-    """sum_t' exp(k + w) v / sum_t' exp(k + w) for (B, T, C) k, v and a (T, T) bias.
-
-    The paper's shifts: K's max over tokens (per batch and channel) and each row's max
-    of w. Numerator and denominator share one (T, T) @ (B, T, 2C) product.
-    """
-    k_max = k.detach().amax(dim=1, keepdim=True)
-    w_max = pos_bias.detach().amax(dim=1, keepdim=True)
-    exp_k = torch.exp(k - k_max)
-    exp_w = torch.exp(pos_bias - w_max)
-    channels = k.shape[-1]
-    both = torch.matmul(exp_w, torch.cat([exp_k * v, exp_k], dim=-1))
-    return _safe_divide(both[..., :channels], both[..., channels:])
-
-
 def _causal_bias_weighted_mean(k: torch.Tensor, v: torch.Tensor, pos_bias: torch.Tensor) -> torch.Tensor:
-    """As :func:`_bias_weighted_mean` over t' <= t only, with shifts that never look ahead.
+    """sum_t' exp(k + w) v / sum_t' exp(k + w) over t' <= t only, with shifts that never look ahead.
 
     A max of K over all tokens would let later tokens change (or underflow) earlier
     outputs. Instead each key token t' is shifted by its own max over channels,
@@ -125,7 +112,10 @@ def aft_full(
     _check_pos_bias('aft_full', q, pos_bias)
     if causal:
         return torch.sigmoid(q) * _causal_bias_weighted_mean(k, v, pos_bias)
-    return torch.sigmoid(q) * _bias_weighted_mean(k, v, pos_bias)
+    # the paper's shifts: K's max over tokens (inside aft_dense) and each row's max of w; every channel
+    # is its own head (h = C, d = 1) and all share the one (T, T) weight matrix
+    exp_w = torch.exp(pos_bias - pos_bias.detach().amax(dim=1, keepdim=True))
+    return aft_dense(q, k, v, positive_weights(exp_w).t().unsqueeze(0))
 
 
 @register_notrace_function
@@ -270,7 +260,7 @@ def conv_window_weights(weight: torch.Tensor, height: int, width: int) -> torch.
     """
     num_heads, kernel_size = weight.shape[0], weight.shape[-1]
     shift = weight.detach().amax(dim=[1, 2]).clamp_min(0.)  # (h,)
-    table = torch.cat([(weight - shift[:, None, None]).flatten(1), -shift.unsqueeze(1)], dim=1).exp()
+    table = positive_weights(torch.cat([(weight - shift[:, None, None]).flatten(1), -shift.unsqueeze(1)], dim=1).exp())
     if torch.jit.is_scripting() or torch.compiler.is_compiling():
         index = _window_index(height, width, kernel_size, weight.device)
     else:
@@ -284,87 +274,6 @@ def dense_is_cheaper(num_tokens: int, kernel_size: int) -> bool:
     CPU (a depthwise s x s convolution, plus the prefix sums outside the window); up to 2 s^2 tokens the
     dense product wins on both the Intel and the AMD 2-core CPUs (benchmarks/README.md)."""
     return num_tokens <= 2 * kernel_size * kernel_size
-
-
-def _dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor
-                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense AFT-conv on (B, T, C) q, v, (B, T, h) k: the output and, for backward, x, y and sigmoid(q).
-
-    ``x`` stacks each head's numerator and denominator inputs as (h, B, d + 1, T), tokens last, so that
-    each head's product is one (B (d + 1), T) @ (T, T) matrix product, efficient even at batch 1; ``y`` is
-    that product. Computed in float32 at least (float64 stays float64): bfloat16 exp-weights would lose the
-    bias' precision, and on CPUs without AMX a float32 product is as fast. The output has ``v``'s dtype.
-    """
-    batch, num_tokens, channels = q.shape
-    num_heads = k.shape[-1]
-    head_dim = channels // num_heads
-    dtype = torch.promote_types(v.dtype, torch.float32)
-    with torch.autocast(q.device.type, enabled=False):
-        exp_k = torch.exp(k.to(dtype) - k.detach().amax(dim=1, keepdim=True).to(dtype))  # (B, T, h)
-        exp_k_t = exp_k.permute(2, 0, 1).unsqueeze(2)  # (h, B, 1, T)
-        x = torch.empty(num_heads, batch, head_dim + 1, num_tokens, dtype=dtype, device=v.device)
-        torch.mul(exp_k_t, v.reshape(batch, num_tokens, num_heads, head_dim).permute(2, 0, 3, 1),
-                  out=x[:, :, :head_dim])
-        x[:, :, head_dim:] = exp_k_t
-        y = torch.bmm(x.view(num_heads, -1, num_tokens), weights.to(dtype))
-        y = y.view(num_heads, batch, head_dim + 1, num_tokens)
-        gate = torch.sigmoid(q)
-        out = torch.empty(batch, num_tokens, num_heads, head_dim, dtype=v.dtype, device=v.device)
-        torch.mul(gate.reshape(batch, num_tokens, num_heads, head_dim),
-                  (y[:, :, :head_dim] / _denominator(y, head_dim)).permute(1, 3, 0, 2), out=out)
-    return out.view(batch, num_tokens, channels), x, y, gate
-
-
-class _AftConvDense(torch.autograd.Function):
-    """Dense AFT-conv (:func:`_dense_forward`) with a hand-written backward: three matrix products per step
-    (one forward, two backward) and a few elementwise passes, instead of autograd's graph of a dozen ops and
-    the recomputation of the whole forward that checkpointing would need to keep memory down. Saved for
-    backward: x, y and sigmoid(q), about what attention saves (q, k, v, out).
-    """
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        out, x, y, gate = _dense_forward(q, k, v, weights)
-        ctx.save_for_backward(x, y, gate, weights)
-        ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, y, gate, weights = ctx.saved_tensors
-        num_heads, batch, group, num_tokens = x.shape
-        head_dim = group - 1
-        dtype = x.dtype
-        with torch.autocast(grad.device.type, enabled=False):
-            grad = grad.reshape(batch, num_tokens, num_heads, head_dim)
-            gate = gate.reshape(batch, num_tokens, num_heads, head_dim)
-            den = _denominator(y, head_dim)  # (h, B, 1, T)
-            out = y[:, :, :head_dim] / den  # (h, B, d, T)
-            grad_q = torch.ops.aten.sigmoid_backward(grad * out.permute(1, 3, 0, 2), gate)
-            grad_y = torch.empty_like(x)  # d loss / d (numerator, denominator)
-            num_grad = grad_y[:, :, :head_dim]
-            torch.mul(grad.permute(2, 0, 3, 1), gate.permute(2, 0, 3, 1), out=num_grad)
-            num_grad.div_(den)
-            torch.sum(num_grad * out, dim=2, keepdim=True, out=grad_y[:, :, head_dim:]).neg_()
-            grad_y = grad_y.view(num_heads, -1, num_tokens)
-            grad_x = torch.bmm(grad_y, weights.to(dtype).transpose(1, 2)).view_as(x)
-            grad_weights = None
-            if ctx.needs_input_grad[3]:
-                grad_weights = torch.bmm(x.view(num_heads, -1, num_tokens).transpose(1, 2), grad_y)
-                grad_weights = grad_weights.to(weights.dtype)
-            # x = [exp(k) v, exp(k)]: d/dk sums grad_x * x over the head's d + 1 channels
-            grad_k = (grad_x * x).sum(dim=2).permute(1, 2, 0)  # (B, T, h)
-            grad_v = (grad_x[:, :, :head_dim] * x[:, :, head_dim:]).permute(1, 3, 0, 2)
-        q_dtype, k_dtype, v_dtype = ctx.input_dtypes
-        return (grad_q.reshape(batch, num_tokens, -1).to(q_dtype), grad_k.to(k_dtype),
-                grad_v.reshape(batch, num_tokens, -1).to(v_dtype), grad_weights)
-
-
-def _denominator(y: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """The denominator channel of (h, B, d + 1, T) sums, where a fully underflowed sum (only for pathological
-    inputs, where the numerator is 0 too) is replaced by 1 so the result is 0 instead of NaN."""
-    den = y[:, :, head_dim:]
-    return torch.where(den > 0, den, torch.ones_like(den))
 
 
 @register_notrace_function
@@ -383,40 +292,9 @@ def aft_conv2d_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights:
         raise ValueError(
             f'aft_conv2d_dense: weights must be (h, T, T) = ({num_heads}, {num_tokens}, {num_tokens}), '
             f'got {weights.shape}')
-    q, k, v = q.reshape(batch, num_tokens, channels), k.reshape(batch, num_tokens, num_heads), \
-        v.reshape(batch, num_tokens, channels)
-    if torch.jit.is_scripting() or torch.compiler.is_compiling():
-        out = _dense_product(q, k, v, weights)  # autograd (or the compiler) derives the backward
-    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or weights.requires_grad):
-        out = _dense_product_function(q, k, v, weights)
-    else:
-        out = _dense_product_no_grad(q, k, v, weights)
+    out = aft_dense(q.reshape(batch, num_tokens, channels), k.reshape(batch, num_tokens, num_heads),
+                    v.reshape(batch, num_tokens, channels), weights)
     return out.reshape(batch, height, width, channels)
-
-
-@torch.jit.unused
-def _dense_product_no_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return _dense_forward(q, k, v, weights)[0]
-
-
-@torch.jit.unused
-def _dense_product_function(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return _AftConvDense.apply(q, k, v, weights)
-
-
-def _dense_product(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """The forward of :class:`_AftConvDense` in plain tensor ops, for TorchScript and torch.compile."""
-    batch, num_tokens, channels = q.shape
-    num_heads = k.shape[-1]
-    head_dim = channels // num_heads
-    dtype = torch.promote_types(v.dtype, torch.float32)
-    exp_k = torch.exp(k.to(dtype) - k.detach().amax(dim=1, keepdim=True).to(dtype)).permute(2, 0, 1).unsqueeze(2)
-    values = v.to(dtype).reshape(batch, num_tokens, num_heads, head_dim).permute(2, 0, 3, 1)
-    x = torch.cat([exp_k * values, exp_k], dim=2)  # (h, B, d + 1, T)
-    y = torch.bmm(x.reshape(num_heads, batch * (head_dim + 1), num_tokens), weights.to(dtype))
-    y = y.view(num_heads, batch, head_dim + 1, num_tokens)
-    out = (y[:, :, :head_dim] / _denominator(y, head_dim)).permute(1, 3, 0, 2).reshape(batch, num_tokens, channels)
-    return (torch.sigmoid(q) * out).to(v.dtype)
 
 
 @register_notrace_function

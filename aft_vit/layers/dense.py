@@ -1,0 +1,169 @@
+"""The dense AFT product shared by AFT-full (and -local) and AFT-conv's small-grid path.
+
+For h heads of d channels, each head with one key channel, and key-by-query weights ``W`` (h, T, T)
+already in exp space (``exp(w - shift)``, nonnegative)::
+
+    Y[b, t, i*d + j] = sigmoid(Q[b, t, i*d + j]) * sum_t' W[i, t', t] exp(K[b, t', i]) V[b, t', i*d + j]
+                                                 / sum_t' W[i, t', t] exp(K[b, t', i])
+
+AFT-conv has h heads and d = C / h; AFT-full is the case h = C, d = 1, with one ``W`` shared by every
+channel (``W.shape[0] == 1``). K's maximum over tokens is subtracted before ``exp`` (it cancels).
+
+Numerator and denominator inputs are stacked as ``x`` (h, B, d + 1, T), tokens last, so that the whole
+sum is one matrix product per head, (B (d + 1), T) @ (T, T), efficient even at batch 1; with a shared
+``W`` it is a single (h B (d + 1), T) @ (T, T) product. Training uses a hand-written backward
+(:class:`_DenseAft`): two more products and a few elementwise passes, instead of autograd's graph of a
+dozen ops. Computed in float32 at least (float64 stays float64): bfloat16 exp-weights would lose the
+bias' precision, and on CPUs without AMX a float32 product is as fast. The output has ``v``'s dtype.
+"""
+from typing import Tuple
+
+import torch
+
+__all__ = ['aft_dense', 'positive_weights']
+
+
+def positive_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Exp-space weights floored at float32's smallest normal number (float64's for float64).
+
+    The key with K's maximum has ``exp(K - max) = 1``, so with every weight positive no denominator can be
+    0, and none needs a check: the floor replaces weights that underflowed (a bias more than ~87 below its
+    row's maximum), which adds at most T times 1e-38 to a sum that holds at least 1e-38.
+    """
+    tiny = 2.2250738585072014e-308 if weights.dtype == torch.float64 else 1.1754943508222875e-38
+    return weights.clamp_min(tiny)
+
+
+def _empty_stack(batch: int, num_tokens: int, num_heads: int, head_dim: int, shared: bool, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    """Uninitialized stacked inputs, seen as (h, B, d + 1, T) whatever their memory layout.
+
+    Per-head weights: stored head-major, tokens last, as seen. Shared weights (AFT-full): stored
+    token-major (B, T, d + 1, h), so that building it from and returning it to (B, T, C) tensors moves
+    contiguous rows instead of transposing every element.
+    """
+    if shared:
+        return torch.empty(batch, num_tokens, head_dim + 1, num_heads, dtype=dtype, device=device).permute(3, 0, 2, 1)
+    return torch.empty(num_heads, batch, head_dim + 1, num_tokens, dtype=dtype, device=device)
+
+
+def _product(x: torch.Tensor, weights: torch.Tensor, shared: bool) -> torch.Tensor:
+    """Stacked inputs (as :func:`_empty_stack` lays them out) times key-by-query weights, summed over keys."""
+    num_heads, batch, group, num_tokens = x.shape
+    if shared:
+        stored = x.permute(1, 3, 2, 0).reshape(batch, num_tokens, -1)  # (B, T, (d + 1) h), a view
+        return torch.matmul(weights[0].t(), stored).view(batch, num_tokens, group, num_heads).permute(3, 0, 2, 1)
+    return torch.bmm(x.reshape(num_heads, -1, num_tokens), weights).view(x.shape)
+
+
+def _weights_grad(x: torch.Tensor, grad_y: torch.Tensor, shared: bool) -> torch.Tensor:
+    """d loss / d weights for y = _product(x, weights): sum over rows of x (key) times grad_y (query)."""
+    num_heads, batch, group, num_tokens = x.shape
+    if shared:
+        x_stored = x.permute(1, 3, 2, 0).reshape(batch, num_tokens, -1)
+        grad_stored = grad_y.permute(1, 3, 2, 0).reshape(batch, num_tokens, -1)
+        return torch.bmm(x_stored, grad_stored.transpose(1, 2)).sum(dim=0, keepdim=True)
+    return torch.bmm(x.reshape(num_heads, -1, num_tokens).transpose(1, 2), grad_y.reshape(num_heads, -1, num_tokens))
+
+
+def _dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The output and, for backward, x, the product y and sigmoid(q); q, v (B, T, C), k (B, T, h)."""
+    batch, num_tokens, channels = q.shape
+    num_heads = k.shape[-1]
+    head_dim = channels // num_heads
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        shared = weights.shape[0] != num_heads
+        x = _empty_stack(batch, num_tokens, num_heads, head_dim, shared, dtype, v.device)
+        exp_k = x[:, :, head_dim:]  # (h, B, 1, T), written in place
+        shifted_k = k.to(dtype) - k.detach().amax(dim=1, keepdim=True).to(dtype)  # (B, T, h)
+        torch.exp(shifted_k.permute(2, 0, 1).unsqueeze(2), out=exp_k)
+        torch.mul(exp_k, v.reshape(batch, num_tokens, num_heads, head_dim).permute(2, 0, 3, 1),
+                  out=x[:, :, :head_dim])
+        y = _product(x, weights.to(dtype), shared)
+        gate = torch.sigmoid(q)
+        out = torch.empty(batch, num_tokens, num_heads, head_dim, dtype=v.dtype, device=v.device)
+        torch.mul(gate.reshape(batch, num_tokens, num_heads, head_dim), y[:, :, :head_dim].permute(1, 3, 0, 2), out=out)
+        out.div_(y[:, :, head_dim:].permute(1, 3, 0, 2))
+    return out.view(batch, num_tokens, channels), x, y, gate
+
+
+class _DenseAft(torch.autograd.Function):
+    """:func:`_dense_forward` with a hand-written backward. Saved: x, y and sigmoid(q), about what
+    attention saves (q, k, v, out); nothing is recomputed."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out, x, y, gate = _dense_forward(q, k, v, weights)
+        ctx.save_for_backward(x, y, gate, weights)
+        ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, y, gate, weights = ctx.saved_tensors
+        num_heads, batch, group, num_tokens = x.shape
+        head_dim = group - 1
+        with torch.autocast(grad.device.type, enabled=False):
+            grad = grad.reshape(batch, num_tokens, num_heads, head_dim)
+            gate = gate.reshape(batch, num_tokens, num_heads, head_dim)
+            den = y[:, :, head_dim:]  # (h, B, 1, T), positive (positive_weights)
+            out = y[:, :, :head_dim] / den  # (h, B, d, T)
+            grad_q = torch.ops.aten.sigmoid_backward(grad * out.permute(1, 3, 0, 2), gate)
+            grad_y = torch.empty_like(x)  # d loss / d (numerator, denominator), laid out as x
+            num_grad = grad_y[:, :, :head_dim]
+            torch.mul(grad.permute(2, 0, 3, 1), gate.permute(2, 0, 3, 1), out=num_grad)
+            num_grad.div_(den)
+            torch.sum(num_grad * out, dim=2, keepdim=True, out=grad_y[:, :, head_dim:]).neg_()
+            shared = weights.shape[0] != num_heads
+            grad_x = _product(grad_y, weights.to(x.dtype).transpose(1, 2), shared)
+            grad_weights = None
+            if ctx.needs_input_grad[3]:
+                grad_weights = _weights_grad(x, grad_y, shared).to(weights.dtype)
+            # x = [exp(k) v, exp(k)]: d/dk sums grad_x * x over the head's d + 1 channels
+            grad_k = (grad_x * x).sum(dim=2).permute(1, 2, 0)  # (B, T, h)
+            grad_v = (grad_x[:, :, :head_dim] * x[:, :, head_dim:]).permute(1, 3, 0, 2)
+        q_dtype, k_dtype, v_dtype = ctx.input_dtypes
+        return (grad_q.reshape(batch, num_tokens, -1).to(q_dtype), grad_k.to(k_dtype),
+                grad_v.reshape(batch, num_tokens, -1).to(v_dtype), grad_weights)
+
+
+@torch.jit.unused
+def _dense_no_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return _dense_forward(q, k, v, weights)[0]
+
+
+@torch.jit.unused
+def _dense_function(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return _DenseAft.apply(q, k, v, weights)
+
+
+def _dense_ops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """:func:`_dense_forward` in plain differentiable ops, for TorchScript and torch.compile."""
+    batch, num_tokens, channels = q.shape
+    num_heads = k.shape[-1]
+    head_dim = channels // num_heads
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    exp_k = torch.exp(k.to(dtype) - k.detach().amax(dim=1, keepdim=True).to(dtype)).permute(2, 0, 1).unsqueeze(2)
+    values = v.to(dtype).reshape(batch, num_tokens, num_heads, head_dim).permute(2, 0, 3, 1)
+    y = _product(torch.cat([exp_k * values, exp_k], dim=2), weights.to(dtype), weights.shape[0] != num_heads)
+    out = (y[:, :, :head_dim] / y[:, :, head_dim:]).permute(1, 3, 0, 2).reshape(batch, num_tokens, channels)
+    return (torch.sigmoid(q) * out).to(v.dtype)
+
+
+def aft_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The dense AFT product (module docstring) on checked inputs.
+
+    Args:
+        q, v: (B, T, C); k: (B, T, h) with h dividing C; weights: (h, T, T) or (1, T, T), key-by-query,
+            in exp space and floored by :func:`positive_weights`.
+
+    Returns:
+        (B, T, C) in ``v``'s dtype.
+    """
+    if torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return _dense_ops(q, k, v, weights)  # autograd (or the compiler) derives the backward
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or weights.requires_grad):
+        return _dense_function(q, k, v, weights)
+    return _dense_no_grad(q, k, v, weights)
