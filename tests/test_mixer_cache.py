@@ -1,0 +1,157 @@
+"""AFT-conv reuses what it derives from its kernel while the kernel is unchanged, and notices every change.
+
+The reference each time is the same mixer with the cache out of play: under autograd with parameters
+that require grad, AftConv recomputes the kernel and its dense weights on every call.
+"""
+import copy
+import pickle
+
+import pytest
+import torch
+
+from aft_vit.layers import AftConv
+from aft_vit.layers import functional
+from aft_vit.layers.dense import _dense_ops, _DenseAft
+from aft_vit.layers.functional import conv_window_weights
+
+GRID = (6, 5)
+
+
+def _mixer(seed: int = 0, **kwargs) -> AftConv:
+    torch.manual_seed(seed)
+    mixer = AftConv(dim=16, num_heads=4, kernel_size=5, **kwargs)
+    with torch.no_grad():
+        mixer.kernel_gamma.uniform_(1., 2.)
+        mixer.kernel_beta.uniform_(-1., 1.)
+    return mixer.eval()
+
+
+def _uncached(mixer: AftConv, x: torch.Tensor, grid=GRID) -> torch.Tensor:
+    with torch.enable_grad():
+        return mixer(x, grid).detach()
+
+
+def _cached(mixer: AftConv, x: torch.Tensor, grid=GRID) -> torch.Tensor:
+    with torch.inference_mode():
+        return mixer(x, grid).clone()
+
+
+def _builds(monkeypatch) -> list:
+    """Record every call that derives dense weights from a kernel."""
+    calls = []
+
+    def counting(weight, height, width):
+        calls.append((height, width))
+        return conv_window_weights(weight, height, width)
+    monkeypatch.setattr('aft_vit.layers.mixers.conv_window_weights', counting)
+    return calls
+
+
+def test_inference_builds_the_weights_once_per_grid(monkeypatch):
+    calls = _builds(monkeypatch)
+    mixer, x = _mixer(), torch.randn(2, 30, 16)
+    first = _cached(mixer, x)
+    for _ in range(3):
+        assert torch.equal(_cached(mixer, x), first)
+    with torch.no_grad():
+        mixer(x, GRID)
+    assert calls == [GRID]
+    _cached(mixer, torch.randn(1, 12, 16), (3, 4))
+    _cached(mixer, x)
+    assert calls == [GRID, (3, 4)]  # one entry per grid, both kept
+    torch.testing.assert_close(first, _uncached(mixer, x), rtol=1e-6, atol=1e-7)
+
+
+def test_an_optimizer_step_is_noticed():
+    mixer, x = _mixer(), torch.randn(2, 30, 16)
+    before = _cached(mixer, x)
+    mixer.train()
+    optimizer = torch.optim.SGD(mixer.parameters(), lr=0.5)
+    mixer(x, GRID).square().sum().backward()
+    optimizer.step()
+    mixer.eval()
+    after = _cached(mixer, x)
+    assert not torch.allclose(after, before, atol=1e-4)
+    torch.testing.assert_close(after, _uncached(mixer, x), rtol=1e-6, atol=1e-7)
+
+
+def test_load_state_dict_is_noticed():
+    mixer, other, x = _mixer(0), _mixer(1), torch.randn(2, 30, 16)
+    before = _cached(mixer, x)
+    mixer.load_state_dict(other.state_dict())
+    after = _cached(mixer, x)
+    assert not torch.allclose(after, before, atol=1e-4)
+    torch.testing.assert_close(after, _cached(other, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('change', ['float64', 'bfloat16 and back', 'new parameter'])
+def test_moving_or_replacing_the_weights_is_noticed(change):
+    mixer, x = _mixer(), torch.randn(2, 30, 16)
+    _cached(mixer, x)
+    if change == 'float64':
+        mixer.to(torch.float64)
+        x = x.double()
+    elif change == 'bfloat16 and back':
+        mixer.to(torch.bfloat16).to(torch.float32)  # rounds every weight: the old weights no longer hold
+    else:
+        mixer.kernel_gamma = torch.nn.Parameter(mixer.kernel_gamma.detach() * 3)
+    torch.testing.assert_close(_cached(mixer, x), _uncached(mixer, x), rtol=1e-6, atol=1e-7)
+
+
+def test_the_cache_adds_no_state_and_copies_start_empty():
+    mixer, x = _mixer(), torch.randn(2, 30, 16)
+    keys = set(mixer.state_dict())
+    _cached(mixer, x)
+    assert set(mixer.state_dict()) == keys
+    assert mixer._derived._entries
+    for clone in (copy.deepcopy(mixer), pickle.loads(pickle.dumps(mixer))):
+        assert not clone._derived._entries
+        torch.testing.assert_close(_cached(clone, x), _cached(mixer, x), rtol=0, atol=0)
+
+
+def test_training_recomputes_and_the_kernel_gets_gradients(monkeypatch):
+    calls = _builds(monkeypatch)
+    mixer, x = _mixer().train(), torch.randn(2, 30, 16)
+    for _ in range(2):
+        mixer(x, GRID).sum().backward()
+    assert calls == []  # the training path derives its weights inside aft_conv2d, from the live kernel
+    assert mixer.kernel.grad is not None and mixer.kernel_gamma.grad.abs().sum() > 0
+
+
+def test_frozen_weights_with_input_gradients_reuse_the_cache():
+    mixer, x = _mixer(), torch.randn(2, 30, 16, requires_grad=True)
+    mixer.requires_grad_(False)
+    mixer(x, GRID).sum().backward()  # cached weights saved for backward: built outside inference mode
+    expected = x.grad.clone()
+    x.grad = None
+    mixer.requires_grad_(True)
+    mixer(x, GRID).sum().backward()
+    torch.testing.assert_close(x.grad, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_the_window_index_is_built_once_per_grid():
+    functional._cached_window_index.cache_clear()
+    weight = torch.randn(4, 5, 5, requires_grad=True)
+    for _ in range(3):
+        conv_window_weights(weight, 6, 5).sum().backward()
+    info = functional._cached_window_index.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+
+
+@pytest.mark.parametrize('heads,shared', [(4, False), (8, True), (1, False)])
+def test_hand_written_backward_matches_autograd(heads, shared):
+    """The dense Function's forward and backward against the same math in plain ops (TorchScript's path)."""
+    g = torch.Generator().manual_seed(0)
+    batch, tokens, channels = 2, 7, 8
+    q, v = (torch.randn(batch, tokens, channels, generator=g, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
+    k = (torch.randn(batch, tokens, heads, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    w = torch.rand(1 if shared else heads, tokens, tokens, generator=g, dtype=torch.float64).add(.01)
+    w.requires_grad_()
+    grad = torch.randn(batch, tokens, channels, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (_DenseAft.apply, _dense_ops):
+        out = fn(q, k, v, w)
+        results.append((out, *torch.autograd.grad(out, (q, k, v, w), grad)))
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
