@@ -208,8 +208,10 @@ def _sum_outside_window(x: torch.Tensor, radius: int) -> torch.Tensor:
     rows = x.sum(dim=-1)  # (B, G, H)
     ones = torch.ones(channels, 1, 2 * radius + 1, 1, dtype=x.dtype, device=x.device)
     band = F.conv2d(x, ones, padding=(radius, 0), groups=channels)  # rows y-r..y+r, a sum of positive terms
-    return (_prefix_before(rows, radius) + _suffix_after(rows, radius)).unsqueeze(-1) \
-        + _prefix_before(band, radius) + _suffix_after(band, radius)
+    outside = _prefix_before(band, radius)
+    outside += _suffix_after(band, radius)
+    outside += (_prefix_before(rows, radius) + _suffix_after(rows, radius)).unsqueeze(-1)
+    return outside
 
 
 def _prefix_before(x: torch.Tensor, radius: int) -> torch.Tensor:
@@ -352,7 +354,34 @@ def aft_conv2d(
         # keep only the inputs for backward and recompute the rest there: the (B, H, W, h (d + 1))
         # intermediates would otherwise dominate training memory at the large grids this path serves
         return checkpoint(_aft_conv2d_conv, q, k, v, weight, use_reentrant=False)
-    return _aft_conv2d_conv(q, k, v, weight)
+    if torch.jit.is_scripting():
+        return _aft_conv2d_conv(q, k, v, weight)
+    return _aft_conv2d_conv_by_heads(q, k, v, weight)
+
+
+# Without autograd, the convolution path runs a few heads at a time so that its intermediates, each
+# B * T * (C + h) / chunks values, stay under this size; above it, peak memory at high resolution would
+# exceed attention's. Small enough for a 2-core CPU's cache, large enough that the per-chunk calls are cheap.
+CONV_CHUNK_BYTES = 2 * 2 ** 20
+
+
+@torch.jit.unused
+def _aft_conv2d_conv_by_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`_aft_conv2d_conv` over groups of heads (heads are independent), written into one output."""
+    batch, height, width, channels = q.shape
+    num_heads = k.shape[3]
+    head_dim = channels // num_heads
+    stacked_bytes = batch * height * width * (channels + num_heads) * max(q.element_size(), 4)
+    chunks = min(num_heads, -(-stacked_bytes // CONV_CHUNK_BYTES))
+    if chunks <= 1:
+        return _aft_conv2d_conv(q, k, v, weight)
+    heads_per_chunk = -(-num_heads // chunks)
+    out = torch.empty_like(q)
+    for start in range(0, num_heads, heads_per_chunk):
+        stop = min(num_heads, start + heads_per_chunk)
+        cols = slice(start * head_dim, stop * head_dim)
+        out[..., cols] = _aft_conv2d_conv(q[..., cols], k[..., start:stop], v[..., cols], weight[start:stop])
+    return out
 
 
 def _aft_conv2d_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -363,8 +392,8 @@ def _aft_conv2d_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: 
     head_dim = channels // num_heads
     group = head_dim + 1
     shift = weight.detach().amax(dim=[1, 2]).clamp_min(0.)  # (h,)
-    window_kernel = torch.exp(weight - shift[:, None, None])  # (h, s, s), in (0, 1]
-    outside_weight = torch.exp(-shift)  # (h,)
+    window_kernel = positive_weights(torch.exp(weight - shift[:, None, None]))  # (h, s, s), in (0, 1]
+    outside_weight = positive_weights(torch.exp(-shift))  # (h,); positive weights: no denominator is 0
     exp_k = torch.exp(k - k.detach().amax(dim=[1, 2], keepdim=True))  # (B, H, W, h)
     exp_k_v = exp_k.unsqueeze(-1) * v.reshape(batch, height, width, num_heads, head_dim)
     # (B, H, W, h, d + 1): per head, d numerator channels then one denominator channel
@@ -375,7 +404,7 @@ def _aft_conv2d_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: 
     conv_kernel = conv_kernel.reshape(num_heads * group, 1, kernel_size, kernel_size).to(conv_in.dtype)
     inside = F.conv2d(conv_in, conv_kernel, padding=kernel_size // 2, groups=num_heads * group)
     outside = _sum_outside_window(conv_in, kernel_size // 2)
-    outside = outside * outside_weight.repeat_interleave(group)[:, None, None].to(outside.dtype)
-    total = (inside + outside).permute(0, 2, 3, 1).reshape(batch, height, width, num_heads, group)
-    out = _safe_divide(total[..., :head_dim], total[..., head_dim:])
+    total = torch.addcmul(inside, outside, outside_weight.repeat_interleave(group)[:, None, None].to(outside.dtype))
+    total = total.permute(0, 2, 3, 1).reshape(batch, height, width, num_heads, group)
+    out = total[..., :head_dim] / total[..., head_dim:]
     return torch.sigmoid(q) * out.reshape(batch, height, width, channels)
