@@ -3,8 +3,10 @@
     python benchmarks/throughput.py                 # CPU defaults, writes throughput.csv, throughput.png
     python benchmarks/throughput.py --update-readme # and rewrites the table in benchmarks/README.md
 
-Pairs: deit_tiny_patch16_224 / aft_conv_tiny, deit_small_patch16_224 / aft_conv_small and aft_full_small
-(timm's vit_small_patch16_224 is the same network as deit_small_patch16_224: same layers, same FLOPs).
+Pairs: deit_tiny_patch16_224 / aft_conv_tiny, deit_small_patch16_224 / aft_conv_small, aft_full_small and
+aft_local_small (timm's vit_small_patch16_224 is the same network as deit_small_patch16_224).
+``--compile`` adds a column pair: the same models, AFT and DeiT alike, under ``torch.compile``, measured in the
+same interleaved rounds as eager, and their ratio (peak memory is measured eager only).
 Throughput: one process, every model of a resolution built first and warmed up, then measured in interleaved
 rounds (so drifts of the machine hit all models alike); the median of the rounds is reported. Peak memory: a
 fresh process per configuration, its RSS high-water mark above its state right before the first step (CPU), or
@@ -25,7 +27,7 @@ from _measure import (  # noqa: E402
     update_readme)
 
 PAIRS = {'aft_conv_tiny': 'deit_tiny_patch16_224', 'aft_conv_small': 'deit_small_patch16_224',
-         'aft_full_small': 'deit_small_patch16_224'}
+         'aft_full_small': 'deit_small_patch16_224', 'aft_local_small': 'deit_small_patch16_224'}
 CPU_BATCHES = {224: [1, 32], 384: [1, 8], 512: [1, 4], 896: [1, 2]}
 GPU_BATCHES = {224: [256], 384: [64], 512: [32], 896: [8]}
 
@@ -88,26 +90,29 @@ def child(spec: dict) -> dict:
 
 
 def measure_throughput(models: List[str], res: int, batches: List[int], modes: List[str], device, rounds: int,
-                       compile_model: bool, amp: bool) -> List[Dict]:
-    built = {m: _build(m, res, device, compile_model) for m in models}
-    configs = [(m, b, mode) for mode in modes for b in batches for m in models]
-    steps = {c: _step_fn(built[c[0]], c[2], c[1], res, device, amp) for c in configs}
-    for c in configs:  # warm-up (and compilation)
-        steps[c]()
-        steps[c]()
+                       compiled: bool, amp: bool) -> List[Dict]:
+    """Median images/s of every (model, batch, mode), eager and (with ``compiled``) under torch.compile,
+    all measured in the same interleaved rounds."""
+    variants = [False, True] if compiled else [False]
+    built = {(m, c): _build(m, res, device, c) for m in models for c in variants}
+    configs = [(m, b, mode, c) for mode in modes for b in batches for c in variants for m in models]
+    steps = {cfg: _step_fn(built[(cfg[0], cfg[3])], cfg[2], cfg[1], res, device, amp) for cfg in configs}
+    for cfg in configs:  # warm-up (and compilation)
+        steps[cfg]()
+        steps[cfg]()
     _sync(device)
-    times = {c: [] for c in configs}
+    times = {cfg: [] for cfg in configs}
     for _ in range(rounds):
-        for c in configs:
+        for cfg in configs:
             def timed():
-                steps[c]()
+                steps[cfg]()
                 _sync(device)
-            times[c].append(median_seconds(timed, repeats=1, inner=2 if c[1] <= 8 else 1))
-    rows = []
-    for (m, b, mode), ts in times.items():
-        ts.sort()
-        rows.append(dict(model=m, res=res, batch=b, mode=mode, img_s=b / ts[len(ts) // 2]))
-    return rows
+            times[cfg].append(median_seconds(timed, repeats=1, inner=2 if cfg[1] <= 8 else 1))
+    rows = {}
+    for (m, b, mode, c), ts in times.items():
+        row = rows.setdefault((m, b, mode), dict(model=m, res=res, batch=b, mode=mode))
+        row['compiled_img_s' if c else 'img_s'] = b / sorted(ts)[len(ts) // 2]
+    return list(rows.values())
 
 
 def _ratio_rows(rows: List[Dict]) -> List[Dict]:
@@ -117,13 +122,18 @@ def _ratio_rows(rows: List[Dict]) -> List[Dict]:
         if r['model'] not in PAIRS:
             continue
         base = index[(PAIRS[r['model']], r['res'], r['batch'], r['mode'])]
-        out.append({
+        row = {
             'model': r['model'], 'vs': base['model'], 'res': r['res'], 'batch': r['batch'], 'mode': r['mode'],
             'img/s': f'{r["img_s"]:.1f}', 'DeiT img/s': f'{base["img_s"]:.1f}',
             'speed ratio': f'{r["img_s"] / base["img_s"]:.2f}',
             'peak MiB': f'{r["peak_mib"]:.0f}', 'DeiT peak MiB': f'{base["peak_mib"]:.0f}',
             'memory ratio': f'{r["peak_mib"] / max(base["peak_mib"], 1e-9):.2f}',
-        })
+        }
+        if 'compiled_img_s' in r:
+            row.update({'compiled img/s': f'{r["compiled_img_s"]:.1f}',
+                        'DeiT compiled img/s': f'{base["compiled_img_s"]:.1f}',
+                        'compiled ratio': f'{r["compiled_img_s"] / base["compiled_img_s"]:.2f}'})
+        out.append(row)
     return out
 
 
@@ -156,12 +166,13 @@ def plot(rows: List[Dict], path: Path, machine: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--resolutions', type=int, nargs='+', default=[224, 384, 512, 896])
-    parser.add_argument('--models', nargs='+', default=['deit_tiny_patch16_224', 'aft_conv_tiny',
-                                                        'deit_small_patch16_224', 'aft_conv_small', 'aft_full_small'])
+    parser.add_argument('--models', nargs='+', default=['deit_tiny_patch16_224', 'aft_conv_tiny', 'deit_small_patch16_224',
+                                                        'aft_conv_small', 'aft_full_small', 'aft_local_small'])
     parser.add_argument('--train-resolutions', type=int, nargs='+', default=[224])
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--compile', action='store_true', help='torch.compile every model')
+    parser.add_argument('--compile', action='store_true',
+                        help='also measure every model under torch.compile (a column pair beside eager)')
     parser.add_argument('--amp', action='store_true', help='bfloat16 autocast')
     parser.add_argument('--out', default=str(Path(__file__).with_name('throughput')), help='CSV / PNG path stem')
     parser.add_argument('--update-readme', action='store_true')
@@ -180,21 +191,24 @@ def main() -> None:
         for r in res_rows:
             r['peak_mib'] = run_isolated(Path(__file__), dict(model=r['model'], res=res, batch=r['batch'],
                                                               mode=r['mode'], device=args.device,
-                                                              compile=args.compile, amp=args.amp))['peak_mib']
+                                                              compile=False, amp=args.amp))['peak_mib']
+            compiled = f' {r["compiled_img_s"]:9.1f} img/s compiled' if 'compiled_img_s' in r else ''
             print(f'{r["model"]:<24} {res:>4}px b{r["batch"]:<4} {r["mode"]:<5} {r["img_s"]:9.1f} img/s '
-                  f'{r["peak_mib"]:9.1f} MiB', flush=True)
+                  f'{r["peak_mib"]:9.1f} MiB{compiled}', flush=True)
         rows += res_rows
     out = Path(args.out)
     with open(out.with_suffix('.csv'), 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=['model', 'res', 'batch', 'mode', 'img_s', 'peak_mib'])
+        writer = csv.DictWriter(f, fieldnames=['model', 'res', 'batch', 'mode', 'img_s', 'compiled_img_s', 'peak_mib'])
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out.with_suffix('.png'), machine)
-    table = markdown_table(_ratio_rows(rows), ['model', 'vs', 'res', 'batch', 'mode', 'img/s', 'DeiT img/s',
-                                               'speed ratio', 'peak MiB', 'DeiT peak MiB', 'memory ratio'])
+    columns = ['model', 'vs', 'res', 'batch', 'mode', 'img/s', 'DeiT img/s', 'speed ratio']
+    if args.compile:
+        columns += ['compiled img/s', 'DeiT compiled img/s', 'compiled ratio']
+    table = markdown_table(_ratio_rows(rows), columns + ['peak MiB', 'DeiT peak MiB', 'memory ratio'])
     print(f'\nMachine: {machine}\n\n{table}')
     if args.update_readme:
-        section = 'gpu' if device.type == 'cuda' else 'cpu'
+        section = ('gpu' if device.type == 'cuda' else 'cpu') + ('-compile' if args.compile else '')
         command = 'python ' + ' '.join(['benchmarks/throughput.py'] + sys.argv[1:])
         update_readme(f'Machine: {machine}. Command: `{command}`.\n\n{table}', f'throughput-{section}')
 
