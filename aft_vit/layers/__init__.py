@@ -1,6 +1,9 @@
 """AFT operators (functional) and the token mixers built on them."""
-from .functional import aft_conv2d, aft_full, aft_local, aft_simple, local_window_mask, local_window_mask_2d
+from .functional import (
+    aft_conv2d, aft_conv2d_dense, aft_full, aft_local, aft_simple, conv_window_weights, dense_is_cheaper,
+    local_window_mask, local_window_mask_2d)
 from .mixers import AftConv, AftFull, AftLocal, AftSimple
 
-__all__ = ['aft_conv2d', 'aft_full', 'aft_local', 'aft_simple', 'local_window_mask', 'local_window_mask_2d',
-           'AftConv', 'AftFull', 'AftLocal', 'AftSimple']
+__all__ = ['aft_conv2d', 'aft_conv2d_dense', 'aft_full', 'aft_local', 'aft_simple', 'conv_window_weights',
+           'dense_is_cheaper', 'local_window_mask', 'local_window_mask_2d', 'AftConv', 'AftFull', 'AftLocal',
+           'AftSimple']

@@ -271,11 +271,14 @@ def conv_window_weights(weight: torch.Tensor, height: int, width: int) -> torch.
     return table.index_select(1, index).view(num_heads, num_tokens, num_tokens)
 
 
-def dense_is_cheaper(num_tokens: int, kernel_size: int) -> bool:
-    """The dense product does T^2 work per channel, the convolution T s^2 but at a far lower rate on a
-    CPU (a depthwise s x s convolution, plus the prefix sums outside the window); up to 2 s^2 tokens the
-    dense product wins on both the Intel and the AMD 2-core CPUs (benchmarks/README.md)."""
-    return num_tokens <= 2 * kernel_size * kernel_size
+def dense_is_cheaper(num_tokens: int, kernel_size: int, num_heads: int = 1, max_weights: int = 2 ** 22) -> bool:
+    """Whether AFT-conv's dense product beats its convolution path: up to 4 s^2 tokens and ``max_weights``
+    (h, T, T) weights (16 MiB in float32 per block; above it the weights cost more memory, and, rebuilt every
+    training step or read cold at batch 1, more time than the convolution saves). The dense product does T^2 work per channel, the convolution T s^2, but at a far lower rate on a
+    CPU (a depthwise s x s convolution plus the prefix sums outside the window): measured by
+    ``benchmarks/crossover.py``, the dense product is 1.3 to 2.6x faster up to T = 400 (s = 11) and the
+    convolution overtakes it in training near T = 500 (benchmarks/README.md names the processors)."""
+    return num_tokens <= 4 * kernel_size * kernel_size and num_heads * num_tokens * num_tokens <= max_weights
 
 
 @register_notrace_function
@@ -316,7 +319,7 @@ def aft_conv2d(
             ``weight[i, y'-y + s//2, x'-x + s//2]`` inside the window (F.conv2d's
             cross-correlation convention) and 0 outside.
         method: 'conv' (O(T s^2) work), 'dense' (one (h, T, T) product, faster on small grids)
-            or 'auto' (dense up to 2 s^2 tokens). Both are exact.
+            or 'auto' (:func:`dense_is_cheaper`: dense up to 4 s^2 tokens). Both are exact.
 
     Returns:
         (B, H, W, C), equal to AFT-full with that bias.
@@ -346,7 +349,7 @@ def aft_conv2d(
     if method not in ('auto', 'conv', 'dense'):
         raise ValueError(f"aft_conv2d: method must be 'auto', 'conv' or 'dense', got '{method}'")
     if method == 'auto':
-        method = 'dense' if dense_is_cheaper(height * width, kernel_size) else 'conv'
+        method = 'dense' if dense_is_cheaper(height * width, kernel_size, num_heads) else 'conv'
     if method == 'dense':
         return aft_conv2d_dense(q, k, v, conv_window_weights(weight, height, width))
     needs_grad = q.requires_grad or k.requires_grad or v.requires_grad or weight.requires_grad

@@ -210,7 +210,7 @@ class AftConv(nn.Module):
     def _mix_reusing_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """:func:`aft_conv2d` with the effective kernel, and the dense weights of each grid, built once."""
         height, width = q.shape[1], q.shape[2]
-        if not dense_is_cheaper(height * width, self.kernel_size):
+        if not dense_is_cheaper(height * width, self.kernel_size, self.num_heads):
             return aft_conv2d(q, k, v, self._derived_tensor('kernel', height, width), method='conv')
         return aft_conv2d_dense(q, k, v, self._derived_tensor('dense', height, width))
 

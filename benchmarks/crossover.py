@@ -1,0 +1,69 @@
+"""Where AFT-conv's dense product stops being faster than its convolution path, on this machine.
+
+    python benchmarks/crossover.py [--update-readme]
+
+For grids of side 12 to 24 patches (T = 144 to 576 tokens), kernel 11, the tiny (32 heads, C = 192) and small
+(16 heads, C = 384) layouts at batch 1 and 8, inference with the dense weights prebuilt (as AftConv reuses them),
+and a training step (forward and backward, weights rebuilt from the kernel). ``aft_conv2d(method='auto')``
+picks dense up to T = 4 s^2 = 484 tokens within a weight budget (``dense_is_cheaper``); the table marks every
+cell where that choice is the slower one here.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import machine_description, markdown_table, median_seconds, update_readme  # noqa: E402
+
+SIDES = (12, 14, 16, 20, 22, 24, 28)
+KERNEL = 11
+
+
+def _time(side: int, channels: int, heads: int, batch: int, method: str, train: bool) -> float:
+    from aft_vit.layers import aft_conv2d, aft_conv2d_dense, conv_window_weights
+    g = torch.Generator().manual_seed(0)
+    q, v = (torch.randn(batch, side, side, channels, generator=g) for _ in range(2))
+    k, w = torch.randn(batch, side, side, heads, generator=g), torch.randn(heads, KERNEL, KERNEL, generator=g)
+    if train:
+        for t in (q, k, v, w):
+            t.requires_grad_()
+
+        def step():
+            aft_conv2d(q, k, v, w, method=method).sum().backward()
+        return median_seconds(step, repeats=7, inner=2)
+    weights = conv_window_weights(w, side, side)
+    with torch.inference_mode():
+        if method == 'dense':
+            return median_seconds(lambda: aft_conv2d_dense(q, k, v, weights), repeats=7, inner=3)
+        return median_seconds(lambda: aft_conv2d(q, k, v, w, method='conv'), repeats=7, inner=3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--update-readme', action='store_true')
+    args = parser.parse_args()
+    from aft_vit.layers import dense_is_cheaper
+    rows = []
+    for channels, heads in ((192, 32), (384, 16)):
+        for batch, train in ((1, False), (8, False), (8, True)):
+            row = {'layout': f'C={channels}, h={heads}', 'batch': batch, 'mode': 'train' if train else 'infer'}
+            for side in SIDES:
+                dense = _time(side, channels, heads, batch, 'dense', train)
+                conv = _time(side, channels, heads, batch, 'conv', train)
+                mark = '' if (dense <= conv) == dense_is_cheaper(side * side, KERNEL, heads) else ' (auto wrong)'
+                row[f'T={side * side}'] = f'{conv / dense:.2f}{mark}'
+            rows.append(row)
+            print(row, flush=True)
+    text = (f'Machine: {machine_description()}. Command: `python benchmarks/crossover.py`. Each cell: conv time / '
+            f'dense time (above 1: dense faster); auto picks dense up to T = {4 * KERNEL * KERNEL} within '
+            f'2^22 (h, T, T) weights.\n\n'
+            + markdown_table(rows, ['layout', 'batch', 'mode'] + [f'T={s * s}' for s in SIDES]))
+    print(text)
+    if args.update_readme:
+        update_readme(text, 'crossover')
+
+
+if __name__ == '__main__':
+    main()
