@@ -1,4 +1,5 @@
-"""The one exception type the command line turns into a one-line message and a non-zero exit."""
+"""The package's two exception types: bad user input (which the command line turns into a one-line message and a
+non-zero exit) and pretrained weights that cannot be loaded."""
 
 
 class UserInputError(Exception):

@@ -40,11 +40,20 @@ def _time(side: int, channels: int, heads: int, batch: int, method: str, train: 
         return median_seconds(lambda: aft_conv2d(q, k, v, w, method='conv'), repeats=7, inner=3)
 
 
+def _mark(dense_faster: bool, tokens: int, heads: int) -> str:
+    """What the cell says about ``aft_conv2d(method='auto')``'s choice, beyond the ratio."""
+    from aft_vit.layers import dense_is_cheaper
+    if dense_is_cheaper(tokens, KERNEL, heads) == dense_faster:
+        return ''
+    if dense_faster and dense_is_cheaper(tokens, KERNEL):
+        return ' (conv: weight cap)'  # dense would be faster, but its (h, T, T) weights exceed the memory budget
+    return ' (auto slower)'
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--update-readme', action='store_true')
     args = parser.parse_args()
-    from aft_vit.layers import dense_is_cheaper
     rows = []
     for channels, heads in ((192, 32), (384, 16)):
         for batch, train in ((1, False), (8, False), (8, True)):
@@ -52,13 +61,14 @@ def main() -> None:
             for side in SIDES:
                 dense = _time(side, channels, heads, batch, 'dense', train)
                 conv = _time(side, channels, heads, batch, 'conv', train)
-                mark = '' if (dense <= conv) == dense_is_cheaper(side * side, KERNEL, heads) else ' (auto wrong)'
+                mark = _mark(dense <= conv, side * side, heads)
                 row[f'T={side * side}'] = f'{conv / dense:.2f}{mark}'
             rows.append(row)
             print(row, flush=True)
     text = (f'Machine: {machine_description()}. Command: `python benchmarks/crossover.py`. Each cell: conv time / '
-            f'dense time (above 1: dense faster); auto picks dense up to T = {4 * KERNEL * KERNEL} within '
-            f'2^22 (h, T, T) weights.\n\n'
+            f'dense time (above 1: dense faster); auto picks dense up to T = {4 * KERNEL * KERNEL} tokens if its '
+            f'(h, T, T) weights fit in 2^22 values. \'auto slower\': auto picks the slower path; \'weight cap\': '
+            f'conv because the dense weights would exceed that memory budget.\n\n'
             + markdown_table(rows, ['layout', 'batch', 'mode'] + [f'T={s * s}' for s in SIDES]))
     print(text)
     if args.update_readme:

@@ -94,9 +94,11 @@ def measure_throughput(models: List[str], res: int, batches: List[int], modes: L
     """Median images/s of every (model, batch, mode), eager and (with ``compiled``) under torch.compile,
     all measured in the same interleaved rounds."""
     variants = [False, True] if compiled else [False]
-    built = {(m, c): _build(m, res, device, c) for m in models for c in variants}
+    # one model per mode: a training step must not change the weights (or the train / eval mode) that the
+    # inference steps measure, or AFT-conv would rebuild its kernel-derived weights after every optimizer step
+    built = {(m, c, mode): _build(m, res, device, c) for m in models for c in variants for mode in modes}
     configs = [(m, b, mode, c) for mode in modes for b in batches for c in variants for m in models]
-    steps = {cfg: _step_fn(built[(cfg[0], cfg[3])], cfg[2], cfg[1], res, device, amp) for cfg in configs}
+    steps = {cfg: _step_fn(built[(cfg[0], cfg[3], cfg[2])], cfg[2], cfg[1], res, device, amp) for cfg in configs}
     for cfg in configs:  # warm-up (and compilation)
         steps[cfg]()
         steps[cfg]()

@@ -183,11 +183,13 @@ def aft_local(
         window: int,
         causal: bool = False,
 ) -> torch.Tensor:
-    """AFT-local (paper eq. 4): ``pos_bias`` kept where ``abs(t - t') < window`` and 0 (not -inf) outside.
+    """AFT-local (paper eq. 4) over a 1-D sequence: ``pos_bias`` kept where ``abs(t - t') < window`` and 0
+    (not -inf) outside.
 
     Every token still sees every other; outside the window the weight is plain
-    ``exp(K)``. For a 2-D patch grid, mask the bias with :func:`local_window_mask_2d`
-    and call :func:`aft_full`, as the AFT-local models do.
+    ``exp(K)``. This is the paper's 1-D window (token distance along the sequence). The vision
+    models' :class:`~aft_vit.layers.AftLocal` mixer does not call it: it keeps the bias inside a 2-D
+    square of patches instead (:func:`local_window_mask_2d`, then :func:`aft_full`).
     """
     _check_qkv('aft_local', q, k, v)
     _check_pos_bias('aft_local', q, pos_bias)

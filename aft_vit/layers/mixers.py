@@ -119,7 +119,8 @@ class AftFull(nn.Module):
 class AftLocal(AftFull):
     """AFT-local over the 2-D patch grid: AFT-full's factorized bias kept inside a ``window`` x ``window``
     square around each patch and 0 (not -inf) outside, so every token still sees every other.
-    Prefix (class) tokens are inside every window (see :func:`local_window_mask_2d`).
+    Prefix (class) tokens are inside every window (see :func:`local_window_mask_2d`). Not the 1-D
+    :func:`~aft_vit.layers.aft_local` operator, whose window is a distance along the token sequence.
     """
 
     def __init__(self, dim: int, grid_size: Tuple[int, int], window: int = 7, **kwargs) -> None:
