@@ -199,10 +199,11 @@ class AftConv(nn.Module):
 
     @torch.jit.unused
     def _kernel_is_constant(self) -> bool:
-        """No gradient flows to the kernel (inference, frozen weights) and no FX trace records the forward:
-        then what is derived from the kernel can be reused until the kernel's parameters change.
-        torch.compile guards on the grad mode and ``requires_grad``, so its graphs make the same choice."""
-        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        """No gradient flows to the kernel (inference, frozen weights) and no tracer records the forward:
+        then what is derived from the kernel can be reused until the kernel's parameters change. Under
+        torch.compile the graph derives it on every call instead: a cache lookup would break the graph at
+        every block, which measured slower than recomputing (benchmarks/README.md)."""
+        if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
             return False
         params = (self.kernel, self.kernel_gamma, self.kernel_beta)
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
@@ -215,13 +216,8 @@ class AftConv(nn.Module):
             return aft_conv2d(q, k, v, self._derived_tensor('kernel', height, width), method='conv')
         return aft_conv2d_dense(q, k, v, self._derived_tensor('dense', height, width))
 
-    @torch.compiler.disable
     def _derived_tensor(self, what: str, height: int, width: int) -> torch.Tensor:
-        """The effective kernel ('kernel') or a grid's dense weights ('dense'), from the cache.
-
-        Run eagerly under torch.compile (a graph break): the cache's checks read parameter versions,
-        which a compiled graph cannot, and a graph would otherwise rebuild the weights on every call.
-        """
+        """The effective kernel ('kernel') or a grid's dense weights ('dense'), from the cache."""
         params = (self.kernel, self.kernel_gamma, self.kernel_beta)
         kernel = self._derived.get(params, 'kernel', self.position_kernel)
         if what == 'kernel':
