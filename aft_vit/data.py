@@ -1,18 +1,22 @@
 """ImageFolder datasets for the command line: find the split folder and check it before training starts.
 
-timm's readers quietly drop empty class folders (which changes the class count) and
-skip unreadable images with a warning; a training run should instead stop at once and
-name the folder or file.
+timm's readers quietly drop empty class folders (which changes the class count), skip
+images whose extension is not in ``timm.data.get_img_extensions()`` and skip unreadable
+images with a warning; a training run should instead stop at once and name the folder or
+file. The check reads exactly what timm's reader reads.
 """
 import os
 from pathlib import Path
 from typing import List
 
 from PIL import Image, UnidentifiedImageError
+from timm.data import get_img_extensions
 
 from .errors import UserInputError
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+# Image files that PIL opens but timm's ImageFolder reader would silently leave out (unless a caller adds them
+# with timm.data.add_img_extensions): named as an error rather than dropped from the data set.
+PIL_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 TRAIN_SPLITS = ('train', 'training')
 EVAL_SPLITS = ('validation', 'val', 'valid', 'eval', 'evaluation', 'test')
 
@@ -37,7 +41,12 @@ def resolve_split_dir(data_dir: str, split: str) -> Path:
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    """An image timm's ImageFolder reader will read (its extension list, at the time of the call)."""
+    return name.lower().endswith(get_img_extensions())
+
+
+def _is_skipped_image(name: str) -> bool:
+    return not _is_image(name) and name.lower().endswith(PIL_IMAGE_EXTENSIONS)
 
 
 def check_image_folder(split_dir: Path, verify_images: bool = True) -> List[str]:
@@ -51,10 +60,17 @@ def check_image_folder(split_dir: Path, verify_images: bool = True) -> List[str]
         loose = [p.name for p in split_dir.iterdir() if p.is_file() and _is_image(p.name)]
         hint = ' (images lie directly in it: put each class in its own sub-folder)' if loose else ''
         raise UserInputError(f'{split_dir} has no class folders{hint}; expected {split_dir}/<class>/<image>')
+    extensions = ', '.join(get_img_extensions())
     for name in classes:
-        images = [f for _, _, files in os.walk(split_dir / name) for f in files if _is_image(f)]
-        if not images:
-            raise UserInputError(f'class folder {split_dir / name} has no images ({", ".join(IMAGE_EXTENSIONS)}); '
+        files = [Path(root, f) for root, _, names in os.walk(split_dir / name) for f in names]
+        skipped = [f for f in files if _is_skipped_image(f.name)]
+        if skipped:
+            raise UserInputError(
+                f'{len(skipped)} image(s) in {split_dir / name} (e.g. {skipped[0]}) have an extension timm\'s '
+                f'ImageFolder reader skips (it reads {extensions}); convert them, or call '
+                f'timm.data.add_img_extensions({skipped[0].suffix.lower()!r}) before training')
+        if not any(_is_image(f.name) for f in files):
+            raise UserInputError(f'class folder {split_dir / name} has no images ({extensions}); '
                                  'add images or remove the folder')
     if verify_images:
         for dirpath, _, files in os.walk(split_dir):

@@ -222,6 +222,11 @@ def test_bad_input_gives_one_line_errors(tmp_path, cifar_tiny, capsys):
                                                           .read_bytes())
     (broken / 'train' / 'cat' / 'bad.jpg').write_bytes(b'not an image at all')
     _one_line_error(capsys, ['train', '--data-dir', str(broken)], f'unreadable image file {broken}/train/cat/bad.jpg')
+    (broken / 'train' / 'cat' / 'bad.jpg').unlink()
+    from PIL import Image
+    Image.new('RGB', (8, 8)).save(broken / 'train' / 'cat' / 'photo.webp')  # PIL reads it, timm's reader skips it
+    _one_line_error(capsys, ['train', '--data-dir', str(broken)],
+                    f'1 image(s) in {broken}/train/cat (e.g. {broken}/train/cat/photo.webp) have an extension')
     _one_line_error(capsys, ['train', '--data-dir', str(cifar_tiny), '--model', 'aft_conv_gigantic'],
                     "unknown model 'aft_conv_gigantic'")
     other = tmp_path / 'other.pth.tar'
