@@ -16,11 +16,20 @@ sum is one matrix product per head, (B (d + 1), T) @ (T, T), efficient even at b
 dozen ops. Computed in float32 at least (float64 stays float64): bfloat16 exp-weights would lose the
 bias' precision, and on CPUs without AMX a float32 product is as fast. The output has ``v``'s dtype.
 """
-from typing import Tuple
+import contextlib
+from typing import ContextManager, Tuple
 
 import torch
 
 __all__ = ['aft_dense', 'positive_weights']
+
+
+def _autocast_off(device_type: str) -> ContextManager:
+    """Leave autocast while the product runs in its own dtype (entered only where autocast is on: the meta device
+    has no autocast state at all)."""
+    if device_type != 'meta' and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def positive_weights(weights: torch.Tensor) -> torch.Tensor:
@@ -73,7 +82,7 @@ def _dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: t
     num_heads = k.shape[-1]
     head_dim = channels // num_heads
     dtype = torch.promote_types(v.dtype, torch.float32)
-    with torch.autocast(q.device.type, enabled=False):
+    with _autocast_off(q.device.type):
         shared = weights.shape[0] != num_heads
         x = _empty_stack(batch, num_tokens, num_heads, head_dim, shared, dtype, v.device)
         exp_k = x[:, :, head_dim:]  # (h, B, 1, T), written in place
@@ -105,7 +114,7 @@ class _DenseAft(torch.autograd.Function):
         x, y, gate, weights = ctx.saved_tensors
         num_heads, batch, group, num_tokens = x.shape
         head_dim = group - 1
-        with torch.autocast(grad.device.type, enabled=False):
+        with _autocast_off(grad.device.type):
             grad = grad.reshape(batch, num_tokens, num_heads, head_dim)
             gate = gate.reshape(batch, num_tokens, num_heads, head_dim)
             den = y[:, :, head_dim:]  # (h, B, 1, T), positive (positive_weights)

@@ -71,7 +71,7 @@ from timm.layers.pool1d import global_pool_nlc
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, named_apply
-from timm.models._input import update_model_args, update_model_input_size
+from timm.models._input import get_pretrained_grid_size, update_model_args, update_model_input_size
 from timm.models.vision_transformer import get_init_weights_vit
 
 from aft_vit.errors import PretrainedWeightsError
@@ -516,14 +516,7 @@ def _resample_token_grid(
     squeeze = value.dim() == 2
     value = value.unsqueeze(0) if squeeze else value
     num_prefix = model.num_prefix_tokens
-    old_grid = None
-    source_args = getattr(model, 'pretrained_model_args', {}) or {}
-    if patch_weight is not None and source_args.get('img_size') is not None:
-        size = source_args['img_size']
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        candidate = (size[0] // patch_weight.shape[-2], size[1] // patch_weight.shape[-1])
-        if candidate[0] * candidate[1] == value.shape[1] - num_prefix:
-            old_grid = candidate
+    old_grid = get_pretrained_grid_size(model, patch_weight, value.shape[1] - num_prefix)
     new_grid = model.patch_embed.grid_size
     if value.shape[1] != num_prefix + new_grid[0] * new_grid[1] or (old_grid is not None and old_grid != new_grid):
         value = resample_abs_pos_embed(
