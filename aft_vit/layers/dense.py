@@ -61,7 +61,9 @@ def _product(x: torch.Tensor, weights: torch.Tensor, shared: bool) -> torch.Tens
     num_heads, batch, group, num_tokens = x.shape
     if shared:
         stored = x.permute(1, 3, 2, 0).reshape(batch, num_tokens, -1)  # (B, T, (d + 1) h), a view
-        return torch.matmul(weights[0].t(), stored).view(batch, num_tokens, group, num_heads).permute(3, 0, 2, 1)
+        # bmm over a broadcast (stride 0) weight: no copy of the inputs, unlike matmul's 2-D @ 3-D folding
+        out = torch.bmm(weights[0].t().expand(batch, num_tokens, num_tokens), stored)
+        return out.view(batch, num_tokens, group, num_heads).permute(3, 0, 2, 1)
     return torch.bmm(x.reshape(num_heads, -1, num_tokens), weights).view(x.shape)
 
 
@@ -69,9 +71,10 @@ def _weights_grad(x: torch.Tensor, grad_y: torch.Tensor, shared: bool) -> torch.
     """d loss / d weights for y = _product(x, weights): sum over rows of x (key) times grad_y (query)."""
     num_heads, batch, group, num_tokens = x.shape
     if shared:
-        x_stored = x.permute(1, 3, 2, 0).reshape(batch, num_tokens, -1)
-        grad_stored = grad_y.permute(1, 3, 2, 0).reshape(batch, num_tokens, -1)
-        return torch.bmm(x_stored, grad_stored.transpose(1, 2)).sum(dim=0, keepdim=True)
+        # one (T, B N) @ (B N, T) product over token-first copies: faster than B products and their sum
+        x_tokens = x.permute(3, 1, 2, 0).reshape(num_tokens, -1)
+        grad_tokens = grad_y.permute(3, 1, 2, 0).reshape(num_tokens, -1)
+        return torch.mm(x_tokens, grad_tokens.t()).unsqueeze(0)
     return torch.bmm(x.reshape(num_heads, -1, num_tokens).transpose(1, 2), grad_y.reshape(num_heads, -1, num_tokens))
 
 
