@@ -255,6 +255,14 @@ def _cached_window_index(height: int, width: int, kernel_size: int, device: torc
         return _window_index(height, width, kernel_size, device)
 
 
+def _exp_window_weights(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A (h, s, s) kernel in exp space: ``exp(weight - c)`` inside the window and ``exp(-c)`` outside it, with
+    ``c = max(0, max(weight[i]))`` per head so nothing overflows (it cancels), both floored by
+    :func:`positive_weights` so that no denominator is 0."""
+    shift = weight.detach().amax(dim=[1, 2]).clamp_min(0.)  # (h,)
+    return positive_weights(torch.exp(weight - shift[:, None, None])), positive_weights(torch.exp(-shift))
+
+
 def conv_window_weights(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """The (h, T, T) key-by-query weights ``exp(w[t, t'] - c)`` that :func:`aft_conv2d_dense` multiplies by.
 
@@ -263,8 +271,8 @@ def conv_window_weights(weight: torch.Tensor, height: int, width: int) -> torch.
     Depends on the kernel and the grid only: a mixer in inference builds it once and reuses it.
     """
     num_heads, kernel_size = weight.shape[0], weight.shape[-1]
-    shift = weight.detach().amax(dim=[1, 2]).clamp_min(0.)  # (h,)
-    table = positive_weights(torch.cat([(weight - shift[:, None, None]).flatten(1), -shift.unsqueeze(1)], dim=1).exp())
+    window_kernel, outside_weight = _exp_window_weights(weight)
+    table = torch.cat([window_kernel.flatten(1), outside_weight.unsqueeze(1)], dim=1)  # (h, s * s + 1)
     if torch.jit.is_scripting() or torch.compiler.is_compiling():
         index = _window_index(height, width, kernel_size, weight.device)
     else:
@@ -276,8 +284,9 @@ def conv_window_weights(weight: torch.Tensor, height: int, width: int) -> torch.
 def dense_is_cheaper(num_tokens: int, kernel_size: int, num_heads: int = 1, max_weights: int = 2 ** 22) -> bool:
     """Whether AFT-conv's dense product beats its convolution path: up to 4 s^2 tokens and ``max_weights``
     (h, T, T) weights (16 MiB in float32 per block; above it the weights cost more memory, and, rebuilt every
-    training step or read cold at batch 1, more time than the convolution saves). The dense product does T^2 work per channel, the convolution T s^2, but at a far lower rate on a
-    CPU (a depthwise s x s convolution plus the prefix sums outside the window): measured by
+    training step or read cold at batch 1, more time than the convolution saves). The dense product does T^2
+    work per channel, the convolution T s^2, but at a far lower rate on a CPU (a depthwise s x s convolution
+    plus the prefix sums outside the window): measured by
     ``benchmarks/crossover.py``, the dense product is 1.3 to 2.6x faster up to T = 400 (s = 11) and the
     convolution overtakes it in training near T = 500 (benchmarks/README.md names the processors)."""
     return num_tokens <= 4 * kernel_size * kernel_size and num_heads * num_tokens * num_tokens <= max_weights
@@ -396,9 +405,7 @@ def _aft_conv2d_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: 
     kernel_size = weight.shape[-1]
     head_dim = channels // num_heads
     group = head_dim + 1
-    shift = weight.detach().amax(dim=[1, 2]).clamp_min(0.)  # (h,)
-    window_kernel = positive_weights(torch.exp(weight - shift[:, None, None]))  # (h, s, s), in (0, 1]
-    outside_weight = positive_weights(torch.exp(-shift))  # (h,); positive weights: no denominator is 0
+    window_kernel, outside_weight = _exp_window_weights(weight)  # (h, s, s) and (h,), in (0, 1]
     exp_k = torch.exp(k - k.detach().amax(dim=[1, 2], keepdim=True))  # (B, H, W, h)
     exp_k_v = exp_k.unsqueeze(-1) * v.reshape(batch, height, width, num_heads, head_dim)
     # (B, H, W, h, d + 1): per head, d numerator channels then one denominator channel

@@ -197,6 +197,10 @@ class AftConv(nn.Module):
         x = x.reshape(batch, -1, self.dim)
         return self.proj_drop(self.proj(x))
 
+    def _kernel_params(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The parameters the effective kernel is computed from."""
+        return self.kernel, self.kernel_gamma, self.kernel_beta
+
     @torch.jit.unused
     def _kernel_is_constant(self) -> bool:
         """No gradient flows to the kernel (inference, frozen weights) and no tracer records the forward:
@@ -205,21 +209,15 @@ class AftConv(nn.Module):
         every block, which measured slower than recomputing (benchmarks/README.md)."""
         if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
             return False
-        params = (self.kernel, self.kernel_gamma, self.kernel_beta)
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self._kernel_params()))
 
     @torch.jit.unused
     def _mix_reusing_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """:func:`aft_conv2d` with the effective kernel, and the dense weights of each grid, built once."""
         height, width = q.shape[1], q.shape[2]
-        if not dense_is_cheaper(height * width, self.kernel_size, self.num_heads):
-            return aft_conv2d(q, k, v, self._derived_tensor('kernel', height, width), method='conv')
-        return aft_conv2d_dense(q, k, v, self._derived_tensor('dense', height, width))
-
-    def _derived_tensor(self, what: str, height: int, width: int) -> torch.Tensor:
-        """The effective kernel ('kernel') or a grid's dense weights ('dense'), from the cache."""
-        params = (self.kernel, self.kernel_gamma, self.kernel_beta)
+        params = self._kernel_params()
         kernel = self._derived.get(params, 'kernel', self.position_kernel)
-        if what == 'kernel':
-            return kernel
-        return self._derived.get(params, ('dense', height, width), lambda: conv_window_weights(kernel, height, width))
+        if not dense_is_cheaper(height * width, self.kernel_size, self.num_heads):
+            return aft_conv2d(q, k, v, kernel, method='conv')
+        weights = self._derived.get(params, ('dense', height, width), lambda: conv_window_weights(kernel, height, width))
+        return aft_conv2d_dense(q, k, v, weights)
