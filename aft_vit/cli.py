@@ -18,16 +18,9 @@ def _describe(name: str) -> dict:
     """Build the model on the meta device (no memory, no init cost) and read its size off it."""
     model = timm.create_model(name, device='meta')
     cfg = timm.get_pretrained_cfg(name)
-    mixer = model.mixer_type
-    detail = {
-        'conv': lambda m: f'{m.num_heads} heads, kernel {m.kernel_size}',
-        'full': lambda m: f'bias rank {m.pos_bias_u.shape[1]}',
-        'local': lambda m: f'bias rank {m.pos_bias_u.shape[1]}, window {m.window}',
-        'simple': lambda m: 'no position bias',
-    }[mixer](model.blocks[0].mixer)
     return dict(
         name=name,
-        mixer=f'AFT-{mixer} ({detail})',
+        mixer=model.blocks[0].mixer.describe(),
         dim_depth=f'{model.embed_dim} / {len(model.blocks)}',
         params=sum(p.numel() for p in model.parameters()) / 1e6,
         input=(f'any multiple of {model.patch_embed.patch_size[0]}' if not cfg.fixed_input_size

@@ -2,8 +2,8 @@
 from .functional import (
     aft_conv2d, aft_conv2d_dense, aft_full, aft_local, aft_simple, conv_window_weights, dense_is_cheaper,
     local_window_mask, local_window_mask_2d)
-from .mixers import AftConv, AftFull, AftLocal, AftSimple
+from .mixers import MIXERS, AftConv, AftFull, AftLocal, AftMixer, AftSimple, MixerArgs, get_mixer
 
 __all__ = ['aft_conv2d', 'aft_conv2d_dense', 'aft_full', 'aft_local', 'aft_simple', 'conv_window_weights',
-           'dense_is_cheaper', 'local_window_mask', 'local_window_mask_2d', 'AftConv', 'AftFull', 'AftLocal',
-           'AftSimple']
+           'dense_is_cheaper', 'local_window_mask', 'local_window_mask_2d', 'MIXERS', 'AftConv', 'AftFull',
+           'AftLocal', 'AftMixer', 'AftSimple', 'MixerArgs', 'get_mixer']

@@ -5,7 +5,9 @@ Each mixer maps (B, N, C) tokens to (B, N, C) and is told the patch grid
 resolution. Queries, keys and values come from one fused ``qkv`` linear layer
 (as in timm's Attention), ordered q, k, v.
 """
-from typing import Tuple
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, ClassVar, Dict, Tuple, Type
 
 import torch
 import torch.fx
@@ -16,15 +18,54 @@ from .cache import ParameterDerivedCache
 from .functional import (
     aft_conv2d, aft_conv2d_dense, aft_full, aft_simple, conv_window_weights, dense_is_cheaper, local_window_mask_2d)
 
-__all__ = ['AftFull', 'AftLocal', 'AftSimple', 'AftConv']
+__all__ = ['AftMixer', 'AftFull', 'AftLocal', 'AftSimple', 'AftConv', 'MixerArgs', 'MIXERS', 'get_mixer']
+
+MIXERS: Dict[str, Type['AftMixer']] = {}  # filled by each AftMixer subclass's ``name``
 
 
-class AftSimple(nn.Module):
-    """AFT-simple: no position bias, O(T C). ``feat_size`` is accepted and unused."""
+@dataclass(frozen=True)
+class MixerArgs:
+    """The model's arguments that a mixer may use; each mixer's :meth:`AftMixer.layer` picks its own."""
+    grid_size: Tuple[int, int]
+    num_prefix_tokens: int
+    num_heads: int
+    kernel_size: int
+    bias_rank: int
+    local_window: int
+    qkv_bias: bool
+    proj_bias: bool
+
+
+class AftMixer(nn.Module):
+    """Base of the AFT token mixers: the fused ``qkv`` projection (q, v of ``dim`` channels, k of ``key_dim``),
+    the output projection, and what the model asks of a mixer instead of branching on its kind.
+
+    A subclass registers itself under a name (``class AftConv(AftMixer, name='conv')``), which is the model's
+    ``mixer`` argument, and declares:
+
+    * ``default_class_token``: whether the model gets a class token and a learned position embedding by default;
+    * ``no_weight_decay_params``: its parameters exempt from weight decay;
+    * ``grid_params``: its per-token parameters laid out like ``pos_embed`` (prefix rows, then the grid), which
+      the checkpoint filter resamples to another grid as it does ``pos_embed``;
+    * :meth:`layer`, :meth:`set_grid_size` and :meth:`describe`.
+    """
+    name: ClassVar[str] = ''
+    default_class_token: ClassVar[bool] = True
+    no_weight_decay_params: ClassVar[Tuple[str, ...]] = ()
+    grid_params: ClassVar[Tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, name: str = '', **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if name:
+            if name in MIXERS:
+                raise ValueError(f'AFT mixer name {name!r} is taken by {MIXERS[name].__name__}')
+            cls.name = name
+            MIXERS[name] = cls
 
     def __init__(
             self,
             dim: int,
+            key_dim: int,
             qkv_bias: bool = True,
             proj_bias: bool = True,
             proj_drop: float = 0.,
@@ -33,17 +74,54 @@ class AftSimple(nn.Module):
     ) -> None:
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.dim = dim
+        self.key_dim = key_dim
+        self.qkv = nn.Linear(dim, dim * 2 + key_dim, bias=qkv_bias, **dd)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        x = aft_simple(q, k, v)
+    @classmethod
+    def layer(cls, args: MixerArgs) -> Callable[..., 'AftMixer']:
+        """This mixer's constructor for the blocks, taking ``(dim, proj_drop=, device=, dtype=)``."""
+        return partial(cls, qkv_bias=args.qkv_bias, proj_bias=args.proj_bias)
+
+    def set_grid_size(self, grid_size: Tuple[int, int]) -> None:
+        """Follow a new nominal patch grid (``set_input_size``): nothing to do without per-token parameters."""
+
+    def describe(self) -> str:
+        """One line for ``aft-vit models``."""
+        raise NotImplementedError
+
+    def _project_in(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self.qkv(x).split([self.dim, self.key_dim, self.dim], dim=-1)
+        return q, k, v
+
+    def _project_out(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj_drop(self.proj(x))
 
 
-class AftFull(nn.Module):
+def get_mixer(name: str) -> Type[AftMixer]:
+    """The mixer class registered as ``name``, or a ValueError listing the known ones."""
+    if name not in MIXERS:
+        raise ValueError(f'Unknown AFT mixer {name!r}, expected one of {tuple(MIXERS)}')
+    return MIXERS[name]
+
+
+class AftSimple(AftMixer, name='simple'):
+    """AFT-simple: no position bias, O(T C). ``feat_size`` is accepted and unused."""
+
+    def __init__(self, dim: int, **kwargs) -> None:
+        super().__init__(dim, dim, **kwargs)
+
+    def describe(self) -> str:
+        return 'AFT-simple (no position bias)'
+
+    def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        q, k, v = self._project_in(x)
+        return self._project_out(aft_simple(q, k, v))
+
+
+class AftFull(AftMixer, name='full'):
     """AFT-full with the factorized bias ``w = U V^T`` of rank ``bias_rank`` (paper: 128 on ImageNet).
 
     ``pos_bias_u`` / ``pos_bias_v`` hold one row per token: the prefix (class) tokens
@@ -51,6 +129,8 @@ class AftFull(nn.Module):
     grid size both are resampled as timm resamples ``pos_embed`` (bicubic over the grid,
     prefix rows kept), which keeps the bias a function of 2-D position.
     """
+    no_weight_decay_params = ('pos_bias_u', 'pos_bias_v')
+    grid_params = ('pos_bias_u', 'pos_bias_v')
 
     def __init__(
             self,
@@ -58,23 +138,26 @@ class AftFull(nn.Module):
             grid_size: Tuple[int, int],
             num_prefix_tokens: int = 1,
             bias_rank: int = 128,
-            qkv_bias: bool = True,
-            proj_bias: bool = True,
-            proj_drop: float = 0.,
             device=None,
             dtype=None,
+            **kwargs,
     ) -> None:
-        super().__init__()
+        super().__init__(dim, dim, device=device, dtype=dtype, **kwargs)
         dd = {'device': device, 'dtype': dtype}
         self.grid_size = (int(grid_size[0]), int(grid_size[1]))
         self.num_prefix_tokens = num_prefix_tokens
         num_tokens = num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
         self.pos_bias_u = nn.Parameter(torch.empty(num_tokens, bias_rank, **dd))
         self.pos_bias_v = nn.Parameter(torch.empty(num_tokens, bias_rank, **dd))
-        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
         self.init_weights()
+
+    @classmethod
+    def layer(cls, args: MixerArgs) -> Callable[..., AftMixer]:
+        return partial(super().layer(args), grid_size=args.grid_size, num_prefix_tokens=args.num_prefix_tokens,
+                       bias_rank=args.bias_rank)
+
+    def describe(self) -> str:
+        return f'AFT-full (bias rank {self.pos_bias_u.shape[1]})'
 
     def init_weights(self) -> None:
         """Factors start small (std .02, as timm's pos_embed), so w ~ 0 and the mixer starts near AFT-simple."""
@@ -90,11 +173,11 @@ class AftFull(nn.Module):
         ).squeeze(0)
 
     def set_grid_size(self, grid_size: Tuple[int, int]) -> None:
-        """Resample the bias factors in place for a new patch grid (used by ``set_input_size``)."""
+        """Resample the bias factors in place for a new patch grid."""
         grid_size = (int(grid_size[0]), int(grid_size[1]))
         if grid_size == self.grid_size:
             return
-        for name in ('pos_bias_u', 'pos_bias_v'):
+        for name in self.grid_params:
             old = getattr(self, name)
             setattr(self, name, nn.Parameter(self._resampled(old.detach(), grid_size), requires_grad=old.requires_grad))
         self.grid_size = grid_size
@@ -111,12 +194,11 @@ class AftFull(nn.Module):
         return bias
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        x = aft_full(q, k, v, self.position_bias(feat_size))
-        return self.proj_drop(self.proj(x))
+        q, k, v = self._project_in(x)
+        return self._project_out(aft_full(q, k, v, self.position_bias(feat_size)))
 
 
-class AftLocal(AftFull):
+class AftLocal(AftFull, name='local'):
     """AFT-local over the 2-D patch grid: AFT-full's factorized bias kept inside a ``window`` x ``window``
     square around each patch and 0 (not -inf) outside, so every token still sees every other.
     Prefix (class) tokens are inside every window (see :func:`local_window_mask_2d`). Not the 1-D
@@ -130,50 +212,62 @@ class AftLocal(AftFull):
         super().__init__(dim, grid_size, **kwargs)
         self.window = window
 
+    @classmethod
+    def layer(cls, args: MixerArgs) -> Callable[..., AftMixer]:
+        return partial(super().layer(args), window=args.local_window)
+
+    def describe(self) -> str:
+        return f'AFT-local (bias rank {self.pos_bias_u.shape[1]}, window {self.window})'
+
     def _restrict(self, bias: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         inside = local_window_mask_2d([feat_size[0], feat_size[1]], self.window, self.num_prefix_tokens, bias.device)
         return bias * inside.to(bias.dtype)
 
 
-class AftConv(nn.Module):
+class AftConv(AftMixer, name='conv'):
     """AFT-conv: ``num_heads`` heads, one key channel per head, a learned s x s kernel per head.
 
     The kernel is re-parameterized per head as ``gamma * (w - mean(w)) / std(w) + beta``
     (paper Sec. 3.4) with gamma = beta = 0 at init, so the mixer starts as AFT-simple.
     The raw kernel ``w`` starts as N(0, 1) (the paper leaves it open; its scale is
     normalized away, so only its shape matters); ``eps`` keeps the std division finite.
+    Fully convolutional: no class token, no position embedding (the model pools by average).
+    The raw kernel is exempt from weight decay: decay would only shrink it towards ``eps``.
     """
+    default_class_token = False
+    no_weight_decay_params = ('kernel',)
 
     def __init__(
             self,
             dim: int,
             num_heads: int = 32,
             kernel_size: int = 11,
-            qkv_bias: bool = True,
-            proj_bias: bool = True,
-            proj_drop: float = 0.,
             eps: float = 1e-5,
             device=None,
             dtype=None,
+            **kwargs,
     ) -> None:
-        super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f'AftConv: dim={dim} must be divisible by num_heads={num_heads}')
         if kernel_size < 1 or kernel_size % 2 != 1:
             raise ValueError(f'AftConv: kernel_size must be a positive odd int, got {kernel_size}')
+        super().__init__(dim, num_heads, device=device, dtype=dtype, **kwargs)
         dd = {'device': device, 'dtype': dtype}
-        self.dim = dim
         self.num_heads = num_heads
         self.kernel_size = kernel_size
         self.eps = eps
-        self.qkv = nn.Linear(dim, dim * 2 + num_heads, bias=qkv_bias, **dd)
         self.kernel = nn.Parameter(torch.empty(num_heads, kernel_size, kernel_size, **dd))
         self.kernel_gamma = nn.Parameter(torch.empty(num_heads, **dd))
         self.kernel_beta = nn.Parameter(torch.empty(num_heads, **dd))
-        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
-        self.proj_drop = nn.Dropout(proj_drop)
         self._derived = ParameterDerivedCache()
         self.init_weights()
+
+    @classmethod
+    def layer(cls, args: MixerArgs) -> Callable[..., AftMixer]:
+        return partial(super().layer(args), num_heads=args.num_heads, kernel_size=args.kernel_size)
+
+    def describe(self) -> str:
+        return f'AFT-conv ({self.num_heads} heads, kernel {self.kernel_size})'
 
     def init_weights(self) -> None:
         nn.init.normal_(self.kernel)
@@ -188,14 +282,12 @@ class AftConv(nn.Module):
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         batch = x.shape[0]
-        qkv = self.qkv(x).reshape(batch, feat_size[0], feat_size[1], -1)
-        q, k, v = qkv.split([self.dim, self.num_heads, self.dim], dim=-1)
+        q, k, v = self._project_in(x.reshape(batch, feat_size[0], feat_size[1], -1))
         if not torch.jit.is_scripting() and self._kernel_is_constant():
             x = self._mix_reusing_kernel(q, k, v)
         else:
             x = aft_conv2d(q, k, v, self.position_kernel())
-        x = x.reshape(batch, -1, self.dim)
-        return self.proj_drop(self.proj(x))
+        return self._project_out(x.reshape(batch, -1, self.dim))
 
     def _kernel_params(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The parameters the effective kernel is computed from."""

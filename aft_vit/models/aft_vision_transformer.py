@@ -44,7 +44,6 @@ by Ross Wightman.
 """
 import logging
 import math
-from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, Union
 
 import torch
@@ -76,13 +75,12 @@ from timm.models.vision_transformer import get_init_weights_vit
 
 from aft_vit.errors import PretrainedWeightsError
 from aft_vit.labels import imagenet_descriptions
-from aft_vit.layers import AftConv, AftFull, AftLocal, AftSimple
+from aft_vit.layers import MixerArgs, get_mixer
 
 __all__ = ['AftVisionTransformer', 'AftBlock', 'checkpoint_filter_fn', 'check_image_input']
 
 _logger = logging.getLogger(__name__)
 
-MIXERS = ('full', 'local', 'simple', 'conv')
 POOL_TYPES = ('', 'avg', 'avgmax', 'max', 'token')
 
 
@@ -225,12 +223,10 @@ class AftVisionTransformer(nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if mixer not in MIXERS:
-            raise ValueError(f'Unknown AFT mixer {mixer!r}, expected one of {MIXERS}')
-        is_conv = mixer == 'conv'
-        class_token = not is_conv if class_token is None else class_token
-        pos_embed = ('none' if is_conv else 'learn') if pos_embed is None else pos_embed
-        global_pool = ('avg' if is_conv else 'token') if global_pool is None else global_pool
+        mixer_cls = get_mixer(mixer)
+        class_token = mixer_cls.default_class_token if class_token is None else class_token
+        pos_embed = ('learn' if mixer_cls.default_class_token else 'none') if pos_embed is None else pos_embed
+        global_pool = ('token' if class_token else 'avg') if global_pool is None else global_pool
         if global_pool not in POOL_TYPES:
             raise ValueError(f'Unknown global_pool {global_pool!r}, expected one of {POOL_TYPES}')
         if global_pool == 'token' and not class_token:
@@ -247,7 +243,8 @@ class AftVisionTransformer(nn.Module):
         self.mixer_type = mixer
         self.num_prefix_tokens = 1 if class_token else 0
         self.has_class_token = class_token
-        self.dynamic_img_size = dynamic_img_size or is_conv
+        # without position embedding or per-token mixer parameters nothing depends on the grid (AFT-conv)
+        self.dynamic_img_size = dynamic_img_size or (pos_embed in ('', 'none') and not mixer_cls.grid_params)
         self.grad_checkpointing = False
 
         embed_args = dict(strict_img_size=False, output_fmt='NHWC') if self.dynamic_img_size else {}
@@ -271,19 +268,16 @@ class AftVisionTransformer(nn.Module):
             self.pos_embed = None
         self.pos_drop = nn.Dropout(p=pos_drop_rate)
 
-        if mixer == 'conv':
-            mixer_layer = partial(AftConv, num_heads=num_heads, kernel_size=kernel_size, qkv_bias=qkv_bias)
-        elif mixer == 'simple':
-            mixer_layer = partial(AftSimple, qkv_bias=qkv_bias)
-        elif mixer == 'full':
-            mixer_layer = partial(
-                AftFull, grid_size=grid_size, num_prefix_tokens=self.num_prefix_tokens,
-                bias_rank=bias_rank, qkv_bias=qkv_bias)
-        else:
-            mixer_layer = partial(
-                AftLocal, grid_size=grid_size, num_prefix_tokens=self.num_prefix_tokens,
-                bias_rank=bias_rank, window=local_window, qkv_bias=qkv_bias)
-        mixer_layer = partial(mixer_layer, proj_bias=proj_bias)
+        mixer_layer = mixer_cls.layer(MixerArgs(
+            grid_size=grid_size,
+            num_prefix_tokens=self.num_prefix_tokens,
+            num_heads=num_heads,
+            kernel_size=kernel_size,
+            bias_rank=bias_rank,
+            local_window=local_window,
+            qkv_bias=qkv_bias,
+            proj_bias=proj_bias,
+        ))
 
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList([
@@ -324,13 +318,9 @@ class AftVisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        """Position parameters: pos_embed, class token, the AFT bias factors and raw AFT-conv kernels."""
-        skip = {'pos_embed', 'cls_token'}
-        if self.mixer_type in ('full', 'local'):
-            skip |= {'blocks.*.mixer.pos_bias_u', 'blocks.*.mixer.pos_bias_v'}
-        elif self.mixer_type == 'conv':
-            skip.add('blocks.*.mixer.kernel')
-        return skip
+        """Position parameters: pos_embed, class token and those the mixer declares (bias factors, raw kernels)."""
+        mixer_params = get_mixer(self.mixer_type).no_weight_decay_params
+        return {'pos_embed', 'cls_token'} | {f'blocks.*.mixer.{name}' for name in mixer_params}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -379,8 +369,7 @@ class AftVisionTransformer(nn.Module):
                 verbose=True,
             ), requires_grad=self.pos_embed.requires_grad)
         for blk in self.blocks:
-            if isinstance(blk.mixer, AftFull):
-                blk.mixer.set_grid_size(new_grid_size)
+            blk.mixer.set_grid_size(new_grid_size)
         update_model_input_size(self, self.patch_embed.img_size, patch_size=patch_size)
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -572,13 +561,14 @@ def checkpoint_filter_fn(
     state_dict = state_dict.get('model', state_dict)
     state_dict = state_dict.get('state_dict', state_dict)
     patch_weight = state_dict.get('patch_embed.proj.weight')
+    grid_params = tuple(f'mixer.{name}' for name in get_mixer(model.mixer_type).grid_params)
     out_dict = {}
     for k, v in state_dict.items():
         if k == 'patch_embed.proj.weight':
             out_h, out_w = model.patch_embed.proj.weight.shape[-2:]
             if v.shape[-2:] != (out_h, out_w):
                 v = resample_patch_embed(v, [out_h, out_w], interpolation=interpolation, antialias=antialias, verbose=True)
-        elif (k == 'pos_embed' and model.pos_embed is not None) or k.endswith(('mixer.pos_bias_u', 'mixer.pos_bias_v')):
+        elif (k == 'pos_embed' and model.pos_embed is not None) or (grid_params and k.endswith(grid_params)):
             v = _resample_token_grid(v, model, patch_weight, interpolation, antialias)
         out_dict[k] = v
     _check_fits(out_dict, model)
