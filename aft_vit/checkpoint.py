@@ -1,13 +1,28 @@
-"""Training checkpoints in timm's format (``state_dict``, ``optimizer``, ``epoch``, ``version`` 2, ...),
-written atomically so that a kill at any moment leaves the previous file whole."""
+"""Reading and writing weights: the one place that opens checkpoints, picks their state dict and checks
+that they fit.
+
+* Training checkpoints are in timm's format (``state_dict``, ``optimizer``, ``epoch``, ``version`` 2, ``arch``,
+  ...), written atomically so that a kill at any moment leaves the previous file whole.
+* The state dict of a checkpoint is picked by timm's rule (``timm.models.load_state_dict``): with ``use_ema``,
+  ``state_dict_ema`` (else ``model_ema``) if the checkpoint has one; otherwise ``state_dict``, else ``model``,
+  else the file is a bare state dict. Wrapper prefixes (``module.`` from DDP, ``_orig_mod.`` from
+  torch.compile) are stripped by timm's ``clean_state_dict``.
+* Which weights a command takes: those that continue or evaluate a run (``aft-vit eval`` / ``predict``,
+  ``train --initial-checkpoint``) take the trained weights unless ``--use-ema``; those that make a new
+  artifact from a finished run (``aft-vit publish``, ``aft-vit convert``) take the EMA weights when there are
+  any (``publish --no-ema`` opts out). ``--resume`` restores both.
+* A checkpoint's architecture (``arch``) is checked once, when the file is read for a named model.
+"""
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
+from timm.models import clean_state_dict
 
-from .errors import UserInputError
+from .errors import PretrainedWeightsError, UserInputError
 
 CHECKPOINT_VERSION = 2  # timm's: the saved epoch is complete, resume starts at epoch + 1
 
@@ -28,8 +43,11 @@ def save_atomic(obj: Any, path: Path) -> None:
         raise
 
 
-def load_checkpoint_file(path: str) -> Dict[str, Any]:
-    """Load a checkpoint dict on the CPU (weights only: no code runs), with a clear error if it can't be read."""
+def load_checkpoint_file(path: str, model_name: Optional[str] = None) -> Dict[str, Any]:
+    """Load a checkpoint dict on the CPU (weights only: no code runs), with a clear error if it can't be read.
+
+    With ``model_name``, a checkpoint saved for another architecture (its ``arch``) is refused here, once.
+    """
     if not os.path.isfile(path):
         raise UserInputError(f'checkpoint {path} does not exist')
     try:
@@ -39,18 +57,92 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
                              'is it a complete PyTorch checkpoint?') from None
     if not isinstance(checkpoint, dict):
         raise UserInputError(f'checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict')
+    arch = checkpoint.get('arch')
+    if model_name is not None and arch is not None and arch.split('.')[0] != model_name.split('.')[0]:
+        raise UserInputError(f'checkpoint {path} is for {arch}, not {model_name}; pass --model {arch} '
+                             'or a checkpoint of this model')
     return checkpoint
 
 
-def check_architecture(checkpoint: Dict[str, Any], path: str, model_name: str) -> None:
-    """Refuse a checkpoint saved for another architecture (timm's ``arch`` entry)."""
-    arch = checkpoint.get('arch')
-    if arch is not None and arch.split('.')[0] != model_name.split('.')[0]:
-        raise UserInputError(f'checkpoint {path} is for {arch}, not {model_name}; pass --model {arch} '
-                             'or a checkpoint of this model')
+def select_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The checkpoint's state dict by timm's rule (module docstring), wrapper prefixes stripped."""
+    keys = (['state_dict_ema', 'model_ema'] if use_ema else []) + ['state_dict', 'model']
+    key = next((k for k in keys if isinstance(checkpoint.get(k), Mapping)), None)
+    return clean_state_dict(checkpoint[key] if key else checkpoint)
 
 
-def command_history(trained_with: Dict[str, Any]) -> List[str]:
+def has_ema(checkpoint: Mapping[str, Any]) -> bool:
+    return any(isinstance(checkpoint.get(k), Mapping) for k in ('state_dict_ema', 'model_ema'))
+
+
+def _first_detail(error: Exception) -> str:
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return lines[1] if len(lines) > 1 else (lines[0] if lines else type(error).__name__)
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Mapping[str, Any], source: str, model_name: str,
+                 use_ema: bool = False) -> None:
+    """Load the checkpoint's state dict (:func:`select_state_dict`) into ``model``, strictly."""
+    try:
+        model.load_state_dict(select_state_dict(checkpoint, use_ema))
+    except RuntimeError as e:
+        raise UserInputError(f'checkpoint {source} does not fit {model_name}: {_first_detail(e)}') from None
+
+
+def check_weights_fit(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Refuse pretrained weights of another architecture, saying what differs.
+
+    The classifier and the stem's input channels may differ: timm adapts those after the checkpoint filter.
+    """
+    expected = model.state_dict()
+    adaptable = ('head.', 'patch_embed.proj.')
+    missing = [k for k in expected if k not in state_dict and not k.startswith('head.')]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong = [f'{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}' for k, v in state_dict.items()
+             if k in expected and v.shape != expected[k].shape and not k.startswith(adaptable)]
+    if missing or unexpected or wrong:
+        problems = [f'{len(x)} {what} (e.g. {x[0]})' for x, what in
+                    ((missing, 'missing'), (unexpected, 'unexpected'), (wrong, 'of another shape')) if x]
+        architecture = getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)
+        raise PretrainedWeightsError(
+            f'not {architecture} weights: {", ".join(problems)}; check that the config names the architecture '
+            'the weights were trained as (and its model_args)')
+
+
+def _requested_source(variant: str, create_kwargs: Mapping[str, Any]) -> str:
+    """The weights a create_model call asks for (file, Hub repository or URL), for error messages."""
+    for cfg in (create_kwargs.get('pretrained_cfg_overlay'), create_kwargs.get('pretrained_cfg')):
+        cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg
+        if isinstance(cfg, Mapping):
+            for key, fmt in (('file', '{}'), ('hf_hub_id', 'hf-hub:{}'), ('url', '{}')):
+                if cfg.get(key):
+                    return fmt.format(cfg[key])
+    return f'the pretrained weights of {variant}'
+
+
+@contextlib.contextmanager
+def explain_pretrained_errors(variant: str, pretrained: bool, create_kwargs: Mapping[str, Any]) -> Iterator[None]:
+    """Turn a failure to load pretrained weights into one PretrainedWeightsError naming the weights and the fix.
+
+    The caller's own argument errors (TypeError, ValueError) pass through unchanged.
+    """
+    try:
+        yield
+    except (TypeError, ValueError):
+        raise
+    except Exception as e:
+        if not pretrained:
+            raise
+        source = _requested_source(variant, create_kwargs)
+        if isinstance(e, PretrainedWeightsError):
+            raise PretrainedWeightsError(f'cannot load {source} for {variant}: {e}') from None
+        detail = ' '.join(str(e).split())[:300] or type(e).__name__
+        raise PretrainedWeightsError(
+            f'cannot load {source} for {variant}: {type(e).__name__}: {detail}; '
+            'the file may be missing, truncated or corrupt: fetch or publish it again') from e
+
+
+def command_history(trained_with: Mapping[str, Any]) -> List[str]:
     """The commands a checkpoint's run took (its ``args``), in order: a resumed run's weights come from all of them."""
     history = trained_with.get('command_history')
     if history:

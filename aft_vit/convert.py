@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 import aft_vit  # noqa: F401  registers the aft models
-from .checkpoint import load_checkpoint_file, save_atomic
+from .checkpoint import load_checkpoint_file, save_atomic, select_state_dict
 from .errors import UserInputError
 from .factory import create_model_checked
 
@@ -80,8 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     checkpoint = load_checkpoint_file(args.source)
-    source = checkpoint.get('state_dict_ema') or checkpoint.get('state_dict') or checkpoint.get('model') or checkpoint
-    source = {k[7:] if k.startswith('module.') else k: v for k, v in source.items()}
+    source = select_state_dict(checkpoint, use_ema=True)  # a new artifact: EMA weights when there are any
     kwargs = {k: v for k, v in dict(num_classes=args.num_classes, img_size=args.img_size).items() if v is not None}
     model = create_model_checked(args.model, **kwargs)
     state_dict, report = convert_vit_to_aft(source, model)

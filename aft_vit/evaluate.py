@@ -11,7 +11,7 @@ import sys
 import time
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from tqdm import tqdm
@@ -21,14 +21,13 @@ from timm.task import ClassificationEvaluator, evaluation_sample_limit
 from timm.utils import ParseKwargs
 
 import aft_vit  # noqa: F401  registers the aft models
-from .checkpoint import load_checkpoint_file
+from .checkpoint import load_checkpoint_file, load_weights
 from .data import check_image_folder, resolve_split_dir
 from .errors import UserInputError
-from .factory import create_model_checked, load_weights
+from .factory import create_model_checked
 
-# arguments a training checkpoint supplies when they are not given on the command line
-_FROM_TRAINING = ('model', 'model_kwargs', 'num_classes', 'img_size', 'in_chans', 'input_size', 'crop_pct', 'mean',
-                  'std', 'interpolation')
+# the arguments that prepare images (timm's resolve_data_config keys), from the command line or a training run
+DATA_ARGS = ('in_chans', 'input_size', 'img_size', 'crop_pct', 'mean', 'std', 'interpolation')
 
 
 @torch.no_grad()
@@ -75,64 +74,111 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_model(
-        args: argparse.Namespace,
-        checkpoint: Optional[Dict[str, Any]] = None,
-) -> Tuple[torch.nn.Module, Optional[Dict[str, Any]]]:
-    """The model named by ``args`` with its weights; arguments a training checkpoint carries fill the gaps.
+class LoadedModel(NamedTuple):
+    """A model with its weights, and where they came from."""
+    model: torch.nn.Module
+    name: str
+    checkpoint: Optional[Dict[str, Any]]  # the checkpoint file's contents (None for pretrained weights)
+    trained_with: Dict[str, Any]  # the training arguments the checkpoint carries ({} if none)
 
-    ``checkpoint``: the already loaded contents of ``args.checkpoint``, if the caller has them.
+    def data_config(self, **given: Any) -> Dict[str, Any]:
+        """timm's data config for the model: ``given`` values (not None) win, then the training run's, then the
+        model's pretrained cfg. Keys: those of :data:`DATA_ARGS`."""
+        args = {k: self.trained_with.get(k) for k in DATA_ARGS}
+        args.update({k: v for k, v in given.items() if v is not None})
+        return resolve_data_config(args, model=self.model)
+
+
+def load_model(
+        model: Optional[str] = None,
+        checkpoint: str = '',
+        *,
+        use_ema: bool = False,
+        num_classes: Optional[int] = None,
+        img_size: Optional[int] = None,
+        in_chans: Optional[int] = None,
+        input_size: Optional[Sequence[int]] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
+        checkpoint_data: Optional[Dict[str, Any]] = None,
+) -> LoadedModel:
+    """The model named ``model`` with its weights: ``checkpoint``'s, else its pretrained ones.
+
+    A checkpoint written by ``aft-vit train`` carries its arguments: the model name, model kwargs, classes and
+    input size default to those (arguments given here win). ``checkpoint_data``: the already loaded contents of
+    ``checkpoint``, if the caller has them. ``use_ema``: the checkpoint's EMA weights (aft_vit.checkpoint).
     """
-    if checkpoint is None and args.checkpoint:
-        checkpoint = load_checkpoint_file(args.checkpoint)
-    trained_with = (checkpoint or {}).get('args') or {}
-    for key in _FROM_TRAINING:
-        if getattr(args, key) is None and trained_with.get(key) is not None:
-            setattr(args, key, trained_with[key])
-    if not args.model:
+    if checkpoint_data is None and checkpoint:
+        checkpoint_data = load_checkpoint_file(checkpoint, model)
+    trained_with = (checkpoint_data or {}).get('args') or {}
+
+    def given_or_trained(value: Any, key: str) -> Any:
+        return value if value is not None else trained_with.get(key)
+
+    name = given_or_trained(model, 'model')
+    if not name:
         raise UserInputError('no model: pass --model NAME (or a --checkpoint written by aft-vit train)')
-    kwargs = dict(args.model_kwargs or {})
-    if args.img_size is not None:
-        kwargs.setdefault('img_size', args.img_size)
-    if args.num_classes is not None:
-        kwargs['num_classes'] = args.num_classes
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size else None)
+    kwargs = dict(given_or_trained(model_kwargs, 'model_kwargs') or {})
+    img_size = given_or_trained(img_size, 'img_size')
+    if img_size is not None:
+        kwargs.setdefault('img_size', img_size)
+    num_classes = given_or_trained(num_classes, 'num_classes')
+    if num_classes is not None:
+        kwargs['num_classes'] = num_classes
+    input_size = given_or_trained(input_size, 'input_size')
+    in_chans = given_or_trained(in_chans, 'in_chans') or (input_size[0] if input_size else None)
     if in_chans is not None:
         kwargs['in_chans'] = in_chans
-    model = create_model_checked(args.model, pretrained=checkpoint is None, **kwargs)
-    if checkpoint is not None:
-        load_weights(model, args.checkpoint, args.model, use_ema=args.use_ema, checkpoint=checkpoint)
-    return model, checkpoint
+    net = create_model_checked(name, pretrained=checkpoint_data is None, **kwargs)
+    if checkpoint_data is not None:
+        load_weights(net, checkpoint_data, checkpoint or 'the checkpoint', name, use_ema=use_ema)
+    return LoadedModel(net, name, checkpoint_data, trained_with)
 
 
-def run(args: argparse.Namespace, model: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
-    """Evaluate on ``args.split``; returns the metrics and the data config the images were prepared with."""
-    split_dir = resolve_split_dir(args.data_dir, args.split)
+def run(
+        loaded: LoadedModel,
+        data_dir: str,
+        split: str = 'validation',
+        *,
+        batch_size: int = 128,
+        workers: int = 2,
+        device: str = 'cpu',
+        amp_dtype: Optional[str] = None,
+        data_args: Optional[Dict[str, Any]] = None,
+        progress: bool = True,
+) -> Dict[str, Any]:
+    """Evaluate ``loaded`` on ``split``; returns the metrics and the data config the images were prepared with.
+
+    ``amp_dtype``: 'bfloat16' or 'float16' autocast (None: off). ``data_args``: :data:`DATA_ARGS` overrides.
+    """
+    split_dir = resolve_split_dir(data_dir, split)
     classes = check_image_folder(split_dir, verify_images=False)
-    if model is None:
-        model, _ = load_model(args)
+    model = loaded.model
     if model.num_classes != len(classes):
-        raise UserInputError(f'{args.model} predicts {model.num_classes} classes but {split_dir} has {len(classes)} '
+        raise UserInputError(f'{loaded.name} predicts {model.num_classes} classes but {split_dir} has {len(classes)} '
                              'class folders; pass --num-classes or evaluate on the matching dataset')
-
-    device = torch.device(args.device)
-    model.to(device)
-    data_config = resolve_data_config(vars(args), model=model)
-    dataset = create_dataset('', root=str(split_dir), split=args.split, is_training=False)
-    loader = create_loader(dataset, input_size=data_config['input_size'], batch_size=args.batch_size,
+    torch_device = torch.device(device)
+    model.to(torch_device)
+    data_config = loaded.data_config(**(data_args or {}))
+    dataset = create_dataset('', root=str(split_dir), split=split, is_training=False)
+    loader = create_loader(dataset, input_size=data_config['input_size'], batch_size=batch_size,
                            interpolation=data_config['interpolation'], mean=data_config['mean'],
-                           std=data_config['std'], crop_pct=data_config['crop_pct'], num_workers=args.workers,
-                           device=device, use_prefetcher=False)
-    amp = partial(torch.autocast, device_type=device.type, dtype=getattr(torch, args.amp_dtype)) if args.amp \
+                           std=data_config['std'], crop_pct=data_config['crop_pct'], num_workers=workers,
+                           device=torch_device, use_prefetcher=False)
+    amp = partial(torch.autocast, device_type=torch_device.type, dtype=getattr(torch, amp_dtype)) if amp_dtype \
         else nullcontext
-    metrics = evaluate(model, loader, device=device, amp_autocast=amp, progress=not args.no_progress)
-    return dict(model=args.model, checkpoint=args.checkpoint or None, split=str(split_dir), images=len(dataset),
-                data_config=data_config, **metrics)
+    metrics = evaluate(model, loader, device=torch_device, amp_autocast=amp, progress=progress)
+    return dict(model=loaded.name, split=str(split_dir), images=len(dataset), data_config=data_config, **metrics)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    results = run(args)
+    loaded = load_model(args.model, args.checkpoint, use_ema=args.use_ema, num_classes=args.num_classes,
+                        img_size=args.img_size, in_chans=args.in_chans, input_size=args.input_size,
+                        model_kwargs=args.model_kwargs)
+    results = run(loaded, args.data_dir, args.split, batch_size=args.batch_size, workers=args.workers,
+                  device=args.device, amp_dtype=args.amp_dtype if args.amp else None,
+                  data_args={k: getattr(args, k) for k in DATA_ARGS}, progress=not args.no_progress)
+    results['checkpoint'] = args.checkpoint or None
     print(f'{results["model"]} on {results["split"]} ({results["images"]} images): top1 {results["top1"]:.3f} '
           f'top5 {results["top5"]:.3f} loss {results["loss"]:.4f} ({results["img_per_sec"]:.1f} img/s)')
     if args.json:

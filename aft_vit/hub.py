@@ -8,23 +8,26 @@ The folder is assembled in a temporary folder and moved into place at the end.
 """
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import timm
+import torch
 from timm.models import save_for_hf
 
 import aft_vit
 from . import evaluate
-from .checkpoint import command_history, load_checkpoint_file
+from .checkpoint import command_history, has_ema, load_checkpoint_file
 from .errors import UserInputError
 from .labels import imagenet_descriptions
 
 SUMS_FILE = 'SHA256SUMS'
+RUNTIME_MODEL_ARGS = ('num_classes', 'global_pool')
 CITATION = '''@article{zhai2021attention,
   title={An Attention Free Transformer},
   author={Zhai, Shuangfei and Talbott, Walter and Srivastava, Nitish and Huang, Chen and Goh, Hanlin and Zhang, Ruixiang and Susskind, Josh},
@@ -41,7 +44,8 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _model_card(name: str, model, results: Dict[str, Any], trained_with: Dict[str, Any], args, sha: str) -> str:
+def _model_card(name: str, model, results: Dict[str, Any], trained_with: Dict[str, Any], args, weights: str,
+                sha: str) -> str:
     params = sum(p.numel() for p in model.parameters()) / 1e6
     size = results['data_config']['input_size']
     split = Path(results['split']).name
@@ -67,7 +71,7 @@ metrics:
 # {name}
 
 An Attention Free Transformer (Zhai et al., 2021, [arXiv:2105.14103](https://arxiv.org/abs/2105.14103)) image
-classifier, `{model.pretrained_cfg.get('architecture', args.model)}` from
+classifier, `{model.pretrained_cfg.get('architecture', results['model'])}` from
 [aft_vit](https://pypi.org/project/aft-vit/), a timm plugin: {params:.2f}M parameters, input
 {size[1]}x{size[2]}, {model.num_classes} classes.
 
@@ -83,8 +87,7 @@ Measured by `aft-vit eval` when this folder was published (aft_vit {aft_vit.__ve
 | --- | --- | --- | --- | --- |
 | {split} | {results['images']} | {results['top1']:.2f} | {results['top5']:.2f} | {results['loss']:.4f} |
 
-Weights: {'the EMA weights' if args.ema_used else 'the trained weights'} of `{Path(args.checkpoint).name}`
-(epoch {args.epoch}); `model.safetensors` sha256 `{sha}`.
+Weights: {weights}; `model.safetensors` sha256 `{sha}`.
 
 ## Training command
 
@@ -114,6 +117,32 @@ transform = timm.data.create_transform(**config)
 '''
 
 
+def save_hub_files(model: torch.nn.Module, folder: Path, tag: str, label_names: Optional[Sequence[str]],
+                   data_config: Dict[str, Any]) -> str:
+    """``config.json`` and ``model.safetensors`` of a Hub repository in timm's format; returns the weights' sha256.
+
+    timm's ``save_for_hf`` writes them; the config then gets the published ``tag`` in its ``pretrained_cfg``
+    (not the tag the model was built under) and ``model_args`` keeps only architecture arguments:
+    ``num_classes`` and ``global_pool`` are the config's own top-level fields, and loaders such as transformers'
+    TimmWrapper pass ``num_classes`` themselves.
+    """
+    label_names = list(label_names) if label_names else None
+    labels = dict(label_names=label_names, label_descriptions=imagenet_descriptions(label_names))
+    model_config = {k: v for k, v in labels.items() if v}
+    model_config['pretrained_cfg'] = dict(tag=tag)
+    data_config = {k: data_config[k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct')}
+    save_for_hf(model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
+    config_path = folder / 'config.json'
+    config = json.loads(config_path.read_text(encoding='utf-8'))
+    model_args = config.get('model_args', {})
+    for key in RUNTIME_MODEL_ARGS:
+        model_args.pop(key, None)
+    if model_args.get('in_chans') == 3:
+        del model_args['in_chans']  # the default; kept only when the stem differs
+    config_path.write_text(json.dumps(config, indent=2) + '\n', encoding='utf-8')
+    return sha256_of(folder / 'model.safetensors')
+
+
 def _write_sums(root: Path, name: str, sha: str) -> None:
     """Record ``sha`` for ``name`` in ``root/SHA256SUMS``, replacing an older line, atomically."""
     path = root / SUMS_FILE
@@ -128,31 +157,25 @@ def _write_sums(root: Path, name: str, sha: str) -> None:
 def publish(args: argparse.Namespace) -> Path:
     """Evaluate the checkpoint, write the repository folder, record its sha256, optionally push it."""
     checkpoint = load_checkpoint_file(args.checkpoint)
-    args.ema_used = checkpoint.get('state_dict_ema') is not None and not args.no_ema
-    eval_args = evaluate.build_parser().parse_args(
-        ['--checkpoint', args.checkpoint, '--data-dir', args.data_dir, '--split', args.split, '--no-progress',
-         '-b', str(args.batch_size), '-j', str(args.workers)] + (['--use-ema'] if args.ema_used else []))
-    model, _ = evaluate.load_model(eval_args, checkpoint=checkpoint)
-    args.model, args.epoch = eval_args.model, checkpoint.get('epoch')
-    name = f'{eval_args.model.split(".")[0]}.{args.tag}'
+    ema_used = has_ema(checkpoint) and not args.no_ema
+    loaded = evaluate.load_model(checkpoint=args.checkpoint, checkpoint_data=checkpoint, use_ema=ema_used)
+    name = f'{loaded.name.split(".")[0]}.{args.tag}'
     out_root = Path(args.output)
     final = out_root / name
     if final.exists() and not args.force:
         raise UserInputError(f'{final} already exists; pass --force to replace it')
 
-    results = evaluate.run(eval_args, model=model.eval())
-    trained_with = checkpoint.get('args') or {}
-    label_names = checkpoint.get('label_names') or None
-    data_config = {k: results['data_config'][k] for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct')}
+    model = loaded.model.eval()
+    results = evaluate.run(loaded, args.data_dir, args.split, batch_size=args.batch_size, workers=args.workers,
+                           progress=False)
+    weights = (f"{'the EMA weights' if ema_used else 'the trained weights'} of `{Path(args.checkpoint).name}` "
+               f"(epoch {checkpoint.get('epoch')})")
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{name}.', dir=out_root))
     try:
-        model.cpu()
-        labels = dict(label_names=label_names, label_descriptions=imagenet_descriptions(label_names))
-        save_for_hf(model, tmp, model_config={k: v for k, v in labels.items() if v} or None,
-                    safe_serialization=True, data_config=data_config)
-        sha = sha256_of(tmp / 'model.safetensors')
-        (tmp / 'README.md').write_text(_model_card(name, model, results, trained_with, args, sha), encoding='utf-8')
+        sha = save_hub_files(model.cpu(), tmp, args.tag, checkpoint.get('label_names'), results['data_config'])
+        card = _model_card(name, model, results, checkpoint.get('args') or {}, args, weights, sha)
+        (tmp / 'README.md').write_text(card, encoding='utf-8')
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -14,10 +14,9 @@ from typing import Any, Dict, List, Optional
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from timm.data import create_transform, resolve_data_config
+from timm.data import create_transform
 
 import aft_vit  # noqa: F401  registers the aft models
-from .checkpoint import load_checkpoint_file
 from .data import check_image_folder
 from .errors import UserInputError
 from .labels import imagenet_descriptions
@@ -63,19 +62,14 @@ def _open_rgb(path: str, channels: int) -> Image.Image:
 
 
 def predict(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    checkpoint = load_checkpoint_file(args.checkpoint) if args.checkpoint else None
-    model_args = ['--data-dir', '', '--checkpoint', args.checkpoint] + (['--model', args.model] if args.model else [])
-    model_args += (['--use-ema'] if args.use_ema else []) + (
-        ['--num-classes', str(args.num_classes)] if args.num_classes is not None else [])
-    model_args = evaluate.build_parser().parse_args(model_args)
-    model, _ = evaluate.load_model(model_args, checkpoint=checkpoint)  # fills model_args from the checkpoint
-    model.eval()
-    labels = _label_names(model, checkpoint, args.class_dir)
+    loaded = evaluate.load_model(args.model, args.checkpoint, use_ema=args.use_ema, num_classes=args.num_classes)
+    model = loaded.model.eval()
+    labels = _label_names(model, loaded.checkpoint, args.class_dir)
     if len(labels) != model.num_classes:
         raise UserInputError(f'{len(labels)} label names for a model with {model.num_classes} classes; '
                              'pass --class-dir with the matching class folders')
     descriptions = _descriptions(model, labels)
-    transform = create_transform(**resolve_data_config(vars(model_args), model=model))
+    transform = create_transform(**loaded.data_config())
     results = []
     with torch.no_grad():
         for path in args.images:

@@ -21,7 +21,7 @@ import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -39,8 +39,8 @@ from timm.utils import (
 from timm.utils.summary import trim_summary
 
 import aft_vit  # noqa: F401  registers the aft models
-from .checkpoint import CHECKPOINT_VERSION, check_architecture, command_history, load_checkpoint_file, save_atomic
-from .factory import create_model_checked, load_weights
+from .checkpoint import CHECKPOINT_VERSION, command_history, load_checkpoint_file, load_weights, save_atomic
+from .factory import create_model_checked
 from .data import check_image_folder, resolve_split_dir
 from .errors import UserInputError
 from .evaluate import evaluate
@@ -175,6 +175,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _class_folders(args: argparse.Namespace) -> Tuple[Path, Optional[Path], List[str]]:
+    """The train and eval split folders, checked, and the class names (sorted train folder names)."""
+    train_dir = resolve_split_dir(args.data_dir, args.train_split)
+    eval_dir = resolve_split_dir(args.data_dir, args.val_split) if args.val_split else None
+    label_names = check_image_folder(train_dir, verify_images=not args.skip_image_check)
+    if eval_dir is not None:
+        eval_names = check_image_folder(eval_dir, verify_images=not args.skip_image_check)
+        if eval_names != label_names:
+            raise UserInputError(f'class folders of {eval_dir} differ from {train_dir}: '
+                                 f'{sorted(set(eval_names) ^ set(label_names))}')
+    return train_dir, eval_dir, label_names
+
+
 def _create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     kwargs = dict(args.model_kwargs)
     if args.img_size is not None:
@@ -193,7 +206,8 @@ def _create_model(args: argparse.Namespace, num_classes: int) -> torch.nn.Module
         **kwargs,
     )
     if args.initial_checkpoint:
-        load_weights(model, args.initial_checkpoint, args.model)
+        checkpoint = load_checkpoint_file(args.initial_checkpoint, args.model)
+        load_weights(model, checkpoint, args.initial_checkpoint, args.model)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
@@ -211,27 +225,118 @@ def _is_primary(args: argparse.Namespace) -> bool:
     return args.rank == 0
 
 
-def _resolve_lr(args: argparse.Namespace) -> None:
-    if args.lr is None:
-        ratio = args.batch_size * args.world_size / args.lr_base_size
-        args.lr = args.lr_base * (math.sqrt(ratio) if args.lr_base_scale == 'sqrt' else ratio)
+def _resolved_lr(args: argparse.Namespace) -> float:
+    """--lr, else --lr-base scaled by the global batch size (timm's rule)."""
+    if args.lr is not None:
+        return args.lr
+    ratio = args.batch_size * args.world_size / args.lr_base_size
+    return args.lr_base * (math.sqrt(ratio) if args.lr_base_scale == 'sqrt' else ratio)
 
 
-def _train_one_epoch(
-        epoch: int, task, optimizer, scheduler, loader, args, device, amp_autocast, loss_scaler,
-        mixup_fn, num_updates: int, progress: bool,
-) -> Tuple[Dict[str, float], int]:
+def _amp(args: argparse.Namespace, device: torch.device) -> Tuple[Callable, Optional[NativeScaler]]:
+    """The autocast context (a no-op without --amp) and, for float16 on CUDA only, a loss scaler."""
+    if not args.amp:
+        return nullcontext, None
+    amp_dtype = getattr(torch, args.amp_dtype)
+    scaler = NativeScaler(device=device.type) if device.type == 'cuda' and amp_dtype == torch.float16 else None
+    return partial(torch.autocast, device_type=device.type, dtype=amp_dtype), scaler
+
+
+class _Loaders(NamedTuple):
+    train: Any
+    eval: Optional[Any]
+    mixup_fn: Optional[Mixup]  # mixup applied in the loop (no prefetcher)
+    collate_mixup: Optional[FastCollateMixup]  # mixup applied by the prefetcher's collate
+    num_train_images: int
+
+    @property
+    def mixup_active(self) -> bool:
+        return self.mixup_fn is not None or self.collate_mixup is not None
+
+    def stop_mixup(self) -> None:
+        for mixer in (self.mixup_fn, self.collate_mixup):
+            if mixer is not None:
+                mixer.mixup_enabled = False
+
+
+def _build_loaders(args: argparse.Namespace, train_dir: Path, eval_dir: Optional[Path], data_config: Dict[str, Any],
+                   num_classes: int, device: torch.device) -> _Loaders:
+    """timm's datasets and loaders (augmentation, mixup / cutmix, distributed sampling) for both splits."""
+    use_prefetcher = device.type == 'cuda' and not args.no_prefetcher
+    dataset_train = create_dataset(args.dataset, root=str(train_dir), split=args.train_split, is_training=True,
+                                   class_map=args.class_map, num_samples=args.train_num_samples, seed=args.seed)
+    mixup_fn, collate_mixup = None, None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                          label_smoothing=args.smoothing, num_classes=num_classes)
+        if use_prefetcher:
+            collate_mixup = FastCollateMixup(**mixup_args)
+        else:
+            mixup_fn = Mixup(**mixup_args)
+    common = dict(mean=data_config['mean'], std=data_config['std'], pin_memory=args.pin_mem, device=device,
+                  distributed=args.distributed, use_prefetcher=use_prefetcher, num_workers=args.workers,
+                  persistent_workers=False)  # fresh workers per epoch: their RNG is reseeded with the epoch
+    loader_train = create_loader(
+        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
+        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
+        num_aug_repeats=int(args.aug_repeats) if args.distributed else 0,
+        interpolation=(data_config['interpolation'] if args.no_aug or not args.train_interpolation
+                       else args.train_interpolation),
+        collate_fn=collate_mixup, **common)
+    if len(loader_train) == 0:
+        raise UserInputError(f'{train_dir} has {len(dataset_train)} images: fewer than one batch of '
+                             f'{args.batch_size} per process; lower -b')
+    loader_eval = None
+    if eval_dir is not None:
+        dataset_eval = create_dataset(args.dataset, root=str(eval_dir), split=args.val_split, is_training=False,
+                                      class_map=args.class_map, num_samples=args.val_num_samples)
+        loader_eval = create_loader(
+            dataset_eval, input_size=data_config['input_size'],
+            batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+            interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
+    return _Loaders(loader_train, loader_eval, mixup_fn, collate_mixup, len(dataset_train))
+
+
+class _Optimization(NamedTuple):
+    task: ClassificationTask
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    num_epochs: int
+    amp_autocast: Callable
+    loss_scaler: Optional[NativeScaler]
+
+
+def _build_optimization(args: argparse.Namespace, model: torch.nn.Module, loaders: _Loaders, lr: float,
+                        device: torch.device) -> _Optimization:
+    """The training task (loss, EMA), optimizer and schedule, from timm's factories."""
+    task = ClassificationTask(model, criterion=_train_loss(args, loaders.mixup_active), device=device,
+                              verbose=_is_primary(args))
+    if args.model_ema:
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup, device=device)
+    optimizer = create_optimizer_v2(
+        task.get_trainable_module(), **{**optimizer_kwargs(cfg=args), 'lr': lr}, **args.opt_kwargs)
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
+        updates_per_epoch=len(loaders.train))
+    return _Optimization(task, optimizer, scheduler, num_epochs, *_amp(args, device))
+
+
+def _train_one_epoch(epoch: int, opt: _Optimization, loaders: _Loaders, args: argparse.Namespace,
+                     device: torch.device, num_updates: int, progress: bool) -> Tuple[Dict[str, float], int]:
+    task, optimizer, loss_scaler = opt.task, opt.optimizer, opt.loss_scaler
     model = task.get_trainable_module()
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     samples = 0
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f'epoch {epoch}', disable=not progress, mininterval=1.0, leave=False)
+    bar = tqdm(loaders.train, desc=f'epoch {epoch}', disable=not progress, mininterval=1.0, leave=False)
     for step, (images, target) in enumerate(bar):
         images, target = images.to(device), target.to(device)
-        if mixup_fn is not None:
-            images, target = mixup_fn(images, target)
-        with amp_autocast():
+        if loaders.mixup_fn is not None:
+            images, target = loaders.mixup_fn(images, target)
+        with opt.amp_autocast():
             loss = task(images, target)['loss']
         optimizer.zero_grad(set_to_none=True)
         if loss_scaler is not None:
@@ -244,10 +349,10 @@ def _train_one_epoch(
             optimizer.step()
         num_updates += 1
         task.update_ema(step=num_updates)
-        scheduler.step_update(num_updates=num_updates)
+        opt.scheduler.step_update(num_updates=num_updates)
         loss_sum += loss.detach().double() * images.shape[0]
         samples += images.shape[0]
-        if progress and (step % args.log_interval == 0 or step == len(loader) - 1):
+        if progress and (step % args.log_interval == 0 or step == len(loaders.train) - 1):
             rate = samples * args.world_size / max(time.perf_counter() - start, 1e-9)
             bar.set_postfix(loss=f'{loss.item():.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}',
                             img_s=f'{rate:.0f}')
@@ -263,207 +368,169 @@ def _plain_args(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, dict, type(None)))}
 
 
-def _checkpoint_state(args, epoch, task, optimizer, scheduler, loss_scaler, metric, label_names) -> Dict[str, Any]:
+def _checkpoint_state(epoch: int, opt: _Optimization, recorded_args: Dict[str, Any], metric: Optional[float],
+                      label_names: List[str]) -> Dict[str, Any]:
     state = dict(
         epoch=epoch,
-        arch=args.model,
+        arch=recorded_args['model'],
         version=CHECKPOINT_VERSION,
-        optimizer=optimizer.state_dict(),
-        scheduler=scheduler.state_dict(),
+        optimizer=opt.optimizer.state_dict(),
+        scheduler=opt.scheduler.state_dict(),
         metric=metric,
         label_names=list(label_names),
-        args=_plain_args(args),
+        args=recorded_args,
     )
-    state.update(task.get_checkpoint_state())
-    if task.has_ema():
-        state.update(task.get_checkpoint_state(ema=True))
-    if loss_scaler is not None:
-        state[loss_scaler.state_dict_key] = loss_scaler.state_dict()
+    state.update(opt.task.get_checkpoint_state())
+    if opt.task.has_ema():
+        state.update(opt.task.get_checkpoint_state(ema=True))
+    if opt.loss_scaler is not None:
+        state[opt.loss_scaler.state_dict_key] = opt.loss_scaler.state_dict()
     return state
 
 
-def _resume(args, task, optimizer, scheduler, loss_scaler) -> Tuple[int, Optional[float]]:
-    checkpoint = load_checkpoint_file(args.resume)
-    check_architecture(checkpoint, args.resume, args.model)  # before the state_dict check: the clearer message
+def _resume(args: argparse.Namespace, opt: _Optimization) -> Tuple[int, Optional[float], List[str]]:
+    """Restore a checkpoint's training state; returns the epoch to start at, the best metric so far and the
+    commands that produced the checkpoint."""
+    checkpoint = load_checkpoint_file(args.resume, args.model)
     if 'state_dict' not in checkpoint:
         raise UserInputError(f'{args.resume} holds no training state (no state_dict): use --initial-checkpoint')
-    load_weights(task.get_trainable_module(), args.resume, args.model, checkpoint=checkpoint)
+    task = opt.task
+    load_weights(task.get_trainable_module(), checkpoint, args.resume, args.model)
     if task.has_ema() and checkpoint.get('state_dict_ema') is not None:
-        load_weights(task.get_trainable_module(ema=True).module, args.resume, args.model, use_ema=True,
-                     checkpoint=checkpoint)
+        load_weights(task.get_trainable_module(ema=True).module, checkpoint, args.resume, args.model, use_ema=True)
     if not args.no_resume_opt and 'optimizer' in checkpoint:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        if 'scheduler' in checkpoint and isinstance(scheduler, PlateauLRScheduler):
+        opt.optimizer.load_state_dict(checkpoint['optimizer'])
+        if 'scheduler' in checkpoint and isinstance(opt.scheduler, PlateauLRScheduler):
             # only the plateau schedule has history (its best metric, bad-epoch count); the others are functions of
             # the epoch and this run's arguments, rebuilt below, so a resume with a larger --epochs extends the run
-            scheduler.load_state_dict(checkpoint['scheduler'])
-        if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
-            loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
+            opt.scheduler.load_state_dict(checkpoint['scheduler'])
+        if opt.loss_scaler is not None and opt.loss_scaler.state_dict_key in checkpoint:
+            opt.loss_scaler.load_state_dict(checkpoint[opt.loss_scaler.state_dict_key])
     start_epoch = checkpoint.get('epoch', -1) + (1 if checkpoint.get('version', 1) > 1 else 0)
-    args.command_history = command_history(checkpoint.get('args') or {}) + args.command_history
-    return start_epoch, checkpoint.get('metric')
+    return start_epoch, checkpoint.get('metric'), command_history(checkpoint.get('args') or {})
+
+
+def _output_dir(args: argparse.Namespace, input_size: Sequence[int], start_epoch: int) -> Path:
+    """The experiment folder: a resumed run continues in its own folder, a new run never reuses one."""
+    experiment = args.experiment or '-'.join([
+        time.strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(input_size[-1])])
+    output_dir = Path(args.output) / experiment
+    if args.resume and Path(args.resume).resolve().parent == output_dir.resolve():
+        trim_summary(str(output_dir / 'summary.csv'), start_epoch)  # continue the run in its own folder
+        return output_dir
+    return Path(get_outdir(args.output, experiment, inc=True))  # never mix two runs: name-1, name-2
+
+
+def _evaluate_epoch(opt: _Optimization, eval_model: torch.nn.Module, loaders: _Loaders, args: argparse.Namespace,
+                    device: torch.device, progress: bool) -> Dict[str, float]:
+    """Metrics of the model (and its EMA, as ``ema_*``) on the eval split; empty without one."""
+    if loaders.eval is None:
+        return {}
+    kwargs = dict(device=device, amp_autocast=opt.amp_autocast, distributed=args.distributed)
+    metrics = evaluate(eval_model, loaders.eval, progress=progress, **kwargs)
+    if opt.task.has_ema():
+        ema_metrics = evaluate(opt.task.get_eval_model(ema=True), loaders.eval, **kwargs)
+        metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
+    return metrics
+
+
+def _save_epoch(output_dir: Path, epoch: int, opt: _Optimization, recorded_args: Dict[str, Any],
+                train_metrics: Dict[str, float], eval_metrics: Dict[str, float], metric: Optional[float],
+                improved: bool, label_names: List[str]) -> None:
+    """summary.csv row, then last.pth.tar (and model_best.pth.tar), then one log line."""
+    # the summary row first: a kill before the checkpoint makes resume redo this epoch and trim the row
+    update_summary(epoch, train_metrics, eval_metrics, str(output_dir / 'summary.csv'),
+                   lr=opt.optimizer.param_groups[0]['lr'])
+    state = _checkpoint_state(epoch, opt, recorded_args, metric, label_names)
+    save_atomic(state, output_dir / 'last.pth.tar')
+    if improved or not (output_dir / 'model_best.pth.tar').exists():
+        save_atomic(state, output_dir / 'model_best.pth.tar')
+    line = f'epoch {epoch}: train loss {train_metrics["loss"]:.4f} ({train_metrics["img_per_sec"]:.0f} img/s)'
+    if eval_metrics:
+        line += (f', eval top1 {eval_metrics["top1"]:.2f} top5 {eval_metrics["top5"]:.2f} '
+                 f'loss {eval_metrics["loss"]:.4f}')
+    print(line, flush=True)
 
 
 def train(args: argparse.Namespace) -> Dict[str, Any]:
-    """Run training; returns the final epoch's metrics and the output folder."""
+    """Run training; returns the final epoch's metrics and the output folder. ``args`` is not modified."""
     for module in args.device_modules or []:
         __import__(module)
+    args = argparse.Namespace(**vars(args))  # init_distributed_device records rank / world size on its argument
     device = init_distributed_device(args)
     progress = _is_primary(args) and not args.no_progress
-
-    train_dir = resolve_split_dir(args.data_dir, args.train_split)
-    eval_dir = resolve_split_dir(args.data_dir, args.val_split) if args.val_split else None
-    label_names = check_image_folder(train_dir, verify_images=not args.skip_image_check)
-    if eval_dir is not None:
-        eval_names = check_image_folder(eval_dir, verify_images=not args.skip_image_check)
-        if eval_names != label_names:
-            raise UserInputError(f'class folders of {eval_dir} differ from {train_dir}: '
-                                 f'{sorted(set(eval_names) ^ set(label_names))}')
-    num_classes = args.num_classes = args.num_classes or len(label_names)
+    train_dir, eval_dir, label_names = _class_folders(args)
+    num_classes = args.num_classes or len(label_names)
 
     random_seed(args.seed, args.rank)
     model = _create_model(args, num_classes)
     data_config = resolve_data_config(vars(args), model=model, verbose=_is_primary(args))
     model.to(device)
+    loaders = _build_loaders(args, train_dir, eval_dir, data_config, num_classes, device)
+    lr = _resolved_lr(args)
+    opt = _build_optimization(args, model, loaders, lr, device)
 
-    amp_autocast = nullcontext
-    loss_scaler = None
-    if args.amp:
-        amp_dtype = getattr(torch, args.amp_dtype)
-        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
-        if device.type == 'cuda' and amp_dtype == torch.float16:
-            loss_scaler = NativeScaler(device=device.type)
-
-    use_prefetcher = device.type == 'cuda' and not args.no_prefetcher
-    dataset_train = create_dataset(args.dataset, root=str(train_dir), split=args.train_split, is_training=True,
-                                   class_map=args.class_map, num_samples=args.train_num_samples, seed=args.seed)
-    dataset_eval = None
-    if eval_dir is not None:
-        dataset_eval = create_dataset(args.dataset, root=str(eval_dir), split=args.val_split, is_training=False,
-                                      class_map=args.class_map, num_samples=args.val_num_samples)
-
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    mixup_fn, collate_fn = None, None
-    if mixup_active:
-        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                          label_smoothing=args.smoothing, num_classes=num_classes)
-        if use_prefetcher:
-            collate_fn = FastCollateMixup(**mixup_args)
-        else:
-            mixup_fn = Mixup(**mixup_args)
-    common = dict(mean=data_config['mean'], std=data_config['std'], pin_memory=args.pin_mem, device=device,
-                  distributed=args.distributed, use_prefetcher=use_prefetcher, num_workers=args.workers,
-                  persistent_workers=False)  # fresh workers per epoch: their RNG is reseeded with the epoch
-    loader_train = create_loader(
-        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
-        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        num_aug_repeats=int(args.aug_repeats) if args.distributed else 0,
-        interpolation=(data_config['interpolation'] if args.no_aug or not args.train_interpolation
-                       else args.train_interpolation),
-        collate_fn=collate_fn, **common)
-    if len(loader_train) == 0:
-        raise UserInputError(f'{train_dir} has {len(dataset_train)} images: fewer than one batch of '
-                             f'{args.batch_size} per process; lower -b')
-    loader_eval = None
-    if dataset_eval is not None:
-        loader_eval = create_loader(
-            dataset_eval, input_size=data_config['input_size'],
-            batch_size=args.validation_batch_size or args.batch_size, is_training=False,
-            interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
-
-    _resolve_lr(args)
-    task = ClassificationTask(model, criterion=_train_loss(args, mixup_active), device=device,
-                              verbose=_is_primary(args))
-    if args.model_ema:
-        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup, device=device)
-    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
-        updates_per_epoch=len(loader_train))
-
-    start_epoch, best_metric = 0, None
-    args.command_history = [args.command] if getattr(args, 'command', None) else []
+    start_epoch, best_metric, history = 0, None, []
     if args.resume:
-        start_epoch, best_metric = _resume(args, task, optimizer, scheduler, loss_scaler)
+        start_epoch, best_metric, history = _resume(args, opt)
     if start_epoch > 0:  # timm's schedulers are functions of the epoch / update count: set them to where we are
-        scheduler.step(start_epoch)
-        scheduler.step_update(start_epoch * len(loader_train))
+        opt.scheduler.step(start_epoch)
+        opt.scheduler.step_update(start_epoch * len(loaders.train))
+    # what checkpoints and args.yaml record: the arguments with the values derived from them filled in
+    recorded_args = {**_plain_args(args), 'lr': lr, 'num_classes': num_classes,
+                     'command_history': history + ([args.command] if getattr(args, 'command', None) else [])}
 
     if args.torchcompile:
-        task.compile(backend=args.torchcompile)
+        opt.task.compile(backend=args.torchcompile)
     if args.distributed:
-        task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
-    eval_model = task.get_eval_model()
+        opt.task.prepare_distributed(device_ids=[device.index] if device.type == 'cuda' else None)
 
     output_dir = None
     if _is_primary(args):
-        experiment = args.experiment or '-'.join([
-            time.strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
-        output_dir = Path(args.output) / experiment
-        if args.resume and Path(args.resume).resolve().parent == output_dir.resolve():
-            trim_summary(str(output_dir / 'summary.csv'), start_epoch)  # continue the run in its own folder
-        else:
-            output_dir = Path(get_outdir(args.output, experiment, inc=True))  # never mix two runs: name-1, name-2
+        output_dir = _output_dir(args, data_config['input_size'], start_epoch)
         with open(output_dir / 'args.yaml', 'w', encoding='utf-8') as f:
-            yaml.safe_dump(_plain_args(args), f)
+            yaml.safe_dump(recorded_args, f)
         _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, '
-                     f'{len(dataset_train)} train images, lr {args.lr:.3g}, {num_epochs} epochs -> {output_dir}')
-
-    decreasing = 'loss' in args.eval_metric
-    metrics: Dict[str, Any] = {}
-    num_updates = start_epoch * len(loader_train)
-    for epoch in range(start_epoch, num_epochs):
-        random_seed(args.seed + epoch, args.rank)  # every epoch's randomness is a function of (seed, epoch, rank)
-        if hasattr(loader_train.sampler, 'set_epoch'):
-            loader_train.sampler.set_epoch(epoch)
-        if mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            if mixup_fn is not None:
-                mixup_fn.mixup_enabled = False
-            elif collate_fn is not None:
-                collate_fn.mixup_enabled = False
-        train_metrics, num_updates = _train_one_epoch(
-            epoch, task, optimizer, scheduler, loader_train, args, device, amp_autocast, loss_scaler,
-            mixup_fn, num_updates, progress)
-        eval_metrics = {}
-        if loader_eval is not None:
-            eval_metrics = evaluate(eval_model, loader_eval, device=device, amp_autocast=amp_autocast,
-                                    distributed=args.distributed, progress=progress)
-            if task.has_ema():
-                ema_metrics = evaluate(task.get_eval_model(ema=True), loader_eval, device=device,
-                                       amp_autocast=amp_autocast, distributed=args.distributed)
-                eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
-        metric = eval_metrics.get(args.eval_metric, train_metrics['loss'] if decreasing else None)
-        scheduler.step(epoch + 1, metric)
-
-        if _is_primary(args):
-            improved = metric is not None and (
-                best_metric is None or (metric < best_metric if decreasing else metric > best_metric))
-            if improved:
-                best_metric = metric
-            # the summary row first: a kill before the checkpoint makes resume redo this epoch and trim the row
-            update_summary(epoch, train_metrics, eval_metrics, str(output_dir / 'summary.csv'),
-                           lr=optimizer.param_groups[0]['lr'])
-            state = _checkpoint_state(args, epoch, task, optimizer, scheduler, loss_scaler, metric, label_names)
-            save_atomic(state, output_dir / 'last.pth.tar')
-            if improved or not (output_dir / 'model_best.pth.tar').exists():
-                save_atomic(state, output_dir / 'model_best.pth.tar')
-            line = f'epoch {epoch}: train loss {train_metrics["loss"]:.4f} ({train_metrics["img_per_sec"]:.0f} img/s)'
-            if eval_metrics:
-                line += (f', eval top1 {eval_metrics["top1"]:.2f} top5 {eval_metrics["top5"]:.2f} '
-                         f'loss {eval_metrics["loss"]:.4f}')
-            print(line, flush=True)
-        metrics = dict(epoch=epoch, train=train_metrics, eval=eval_metrics)
-    metrics['output_dir'] = str(output_dir) if output_dir else None
-    metrics['best_metric'] = best_metric
+                     f'{loaders.num_train_images} train images, lr {lr:.3g}, {opt.num_epochs} epochs -> {output_dir}')
+    metrics = _run_epochs(args, opt, loaders, device, start_epoch, best_metric, output_dir, recorded_args,
+                          label_names, progress)
     if args.distributed:
-        divergence = _rank_divergence(task.get_trainable_module())
+        divergence = _rank_divergence(opt.task.get_trainable_module())
         if _is_primary(args):
             print(f'parameters across {args.world_size} ranks: max |difference| {divergence:g}', flush=True)
         metrics['rank_divergence'] = divergence
         dist.barrier()
         dist.destroy_process_group()
+    return metrics
+
+
+def _run_epochs(args: argparse.Namespace, opt: _Optimization, loaders: _Loaders, device: torch.device,
+                start_epoch: int, best_metric: Optional[float], output_dir: Optional[Path],
+                recorded_args: Dict[str, Any], label_names: List[str], progress: bool) -> Dict[str, Any]:
+    """The epoch loop: train, evaluate, step the schedule, save (primary process only)."""
+    decreasing = 'loss' in args.eval_metric
+    eval_model = opt.task.get_eval_model()
+    metrics: Dict[str, Any] = {}
+    num_updates = start_epoch * len(loaders.train)
+    for epoch in range(start_epoch, opt.num_epochs):
+        random_seed(args.seed + epoch, args.rank)  # every epoch's randomness is a function of (seed, epoch, rank)
+        if hasattr(loaders.train.sampler, 'set_epoch'):
+            loaders.train.sampler.set_epoch(epoch)
+        if loaders.mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            loaders.stop_mixup()
+        train_metrics, num_updates = _train_one_epoch(epoch, opt, loaders, args, device, num_updates, progress)
+        eval_metrics = _evaluate_epoch(opt, eval_model, loaders, args, device, progress)
+        metric = eval_metrics.get(args.eval_metric, train_metrics['loss'] if decreasing else None)
+        opt.scheduler.step(epoch + 1, metric)
+        if _is_primary(args):
+            improved = metric is not None and (
+                best_metric is None or (metric < best_metric if decreasing else metric > best_metric))
+            best_metric = metric if improved else best_metric
+            _save_epoch(output_dir, epoch, opt, recorded_args, train_metrics, eval_metrics, metric, improved,
+                        label_names)
+        metrics = dict(epoch=epoch, train=train_metrics, eval=eval_metrics)
+    metrics['output_dir'] = str(output_dir) if output_dir else None
+    metrics['best_metric'] = best_metric
     return metrics
 
 

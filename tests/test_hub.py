@@ -191,7 +191,7 @@ def test_bad_weights_get_clear_errors(published, tmp_path):
     config = json.loads((other / 'config.json').read_text())
     config['architecture'] = 'aft_full_tiny'
     (other / 'config.json').write_text(json.dumps(config))
-    with pytest.raises(PretrainedWeightsError, match=rf'weights in {other} are not aft_full_tiny weights: .*missing'):
+    with pytest.raises(PretrainedWeightsError, match=rf'cannot load {other} for aft_full_tiny: not aft_full_tiny weights: .*missing'):
         timm.create_model(f'local-dir:{other}', pretrained=True)
 
     missing = tmp_path / 'missing'
@@ -200,7 +200,7 @@ def test_bad_weights_get_clear_errors(published, tmp_path):
     with pytest.raises(PretrainedWeightsError, match=rf'cannot load {missing}'):
         timm.create_model(f'local-dir:{missing}', pretrained=True)
 
-    with pytest.raises(PretrainedWeightsError, match=r'are not aft_conv_small weights: .*of another shape'):
+    with pytest.raises(PretrainedWeightsError, match=r'for aft_conv_small: not aft_conv_small weights: .*of another shape'):
         timm.create_model('aft_conv_small', pretrained=True, num_classes=10, img_size=32, patch_size=4, depth=1,
                           pretrained_cfg_overlay=dict(file=str(published / 'model.safetensors')))
 

@@ -73,7 +73,7 @@ from timm.models._manipulate import checkpoint, named_apply
 from timm.models._input import get_pretrained_grid_size, update_model_args, update_model_input_size
 from timm.models.vision_transformer import get_init_weights_vit
 
-from aft_vit.errors import PretrainedWeightsError
+from aft_vit.checkpoint import check_weights_fit, explain_pretrained_errors
 from aft_vit.labels import imagenet_descriptions
 from aft_vit.layers import MixerArgs, get_mixer
 
@@ -520,35 +520,6 @@ def _resample_token_grid(
     return value.squeeze(0) if squeeze else value
 
 
-def _weights_source(model: nn.Module) -> str:
-    """Where the model's pretrained weights come from, for error messages."""
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    for key, fmt in (('file', '{}'), ('hf_hub_id', 'hf-hub:{}'), ('url', '{}')):
-        if cfg.get(key):
-            return fmt.format(cfg[key])
-    return 'the checkpoint'
-
-
-def _check_fits(state_dict: Dict[str, torch.Tensor], model: AftVisionTransformer) -> None:
-    """Refuse weights of another architecture with a message that names the file and what differs.
-
-    The classifier and the stem's input channels may differ: timm adapts those after this filter.
-    """
-    expected = model.state_dict()
-    adaptable = ('head.', 'patch_embed.proj.')
-    missing = [k for k in expected if k not in state_dict and not k.startswith('head.')]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f'{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}' for k, v in state_dict.items()
-             if k in expected and v.shape != expected[k].shape and not k.startswith(adaptable)]
-    if missing or unexpected or wrong:
-        problems = [f'{len(x)} {what} (e.g. {x[0]})' for x, what in
-                    ((missing, 'missing'), (unexpected, 'unexpected'), (wrong, 'of another shape')) if x]
-        raise PretrainedWeightsError(
-            f'weights in {_weights_source(model)} are not {model.pretrained_cfg.get("architecture", "this model")} '
-            f'weights: {", ".join(problems)}; check that the config names the architecture the weights were '
-            'trained as (and its model_args)')
-
-
 def checkpoint_filter_fn(
         state_dict: Dict[str, torch.Tensor],
         model: AftVisionTransformer,
@@ -571,24 +542,13 @@ def checkpoint_filter_fn(
         elif (k == 'pos_embed' and model.pos_embed is not None) or (grid_params and k.endswith(grid_params)):
             v = _resample_token_grid(v, model, patch_weight, interpolation, antialias)
         out_dict[k] = v
-    _check_fits(out_dict, model)
+    check_weights_fit(out_dict, model)
     return out_dict
-
-
-def _requested_source(variant: str, kwargs: Dict[str, Any]) -> str:
-    """The weights a create_model call asks for (file, Hub repository or URL), for error messages."""
-    for cfg in (kwargs.get('pretrained_cfg_overlay'), kwargs.get('pretrained_cfg')):
-        cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else (cfg or {})
-        if isinstance(cfg, dict):
-            for key, fmt in (('file', '{}'), ('hf_hub_id', 'hf-hub:{}'), ('url', '{}')):
-                if cfg.get(key):
-                    return fmt.format(cfg[key])
-    return f'the pretrained weights of {variant}'
 
 
 def _create_aft_vit(variant: str, pretrained: bool = False, **kwargs) -> AftVisionTransformer:
     out_indices = kwargs.pop('out_indices', 3)
-    try:
+    with explain_pretrained_errors(variant, pretrained, kwargs):
         return build_model_with_cfg(
             AftVisionTransformer,
             variant,
@@ -597,15 +557,6 @@ def _create_aft_vit(variant: str, pretrained: bool = False, **kwargs) -> AftVisi
             feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
             **kwargs,
         )
-    except (PretrainedWeightsError, TypeError, ValueError):
-        raise  # already clear (or the caller's own argument error)
-    except Exception as e:
-        if not pretrained:
-            raise
-        detail = ' '.join(str(e).split())[:300] or type(e).__name__
-        raise PretrainedWeightsError(
-            f'cannot load {_requested_source(variant, kwargs)} for {variant}: {type(e).__name__}: {detail}; '
-            'the file may be missing, truncated or corrupt: fetch or publish it again') from e
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
