@@ -1,4 +1,4 @@
-"""The ``aft-vit`` command: ``models``, ``train``, ``eval``, ``predict``.
+"""The ``aft-vit`` command: ``models``, ``train``, ``eval``, ``predict``, ``publish``, ``convert``, ``export``.
 
 Each subcommand parses its own arguments (``aft-vit train --help``). Problems with what the user
 passed (missing data, unknown model, a checkpoint of another model) end in one line on stderr
@@ -49,7 +49,7 @@ def _models_main(argv: List[str]) -> int:
 
 
 def _subcommands():
-    from . import convert, evaluate, hub, predict, train
+    from . import convert, evaluate, export, hub, predict, train
     return {
         'models': (_models_main, 'list the AFT models registered in timm, with their parameter counts'),
         'train': (train.main, 'train or fine-tune a model on an ImageFolder tree (timm train.py arguments)'),
@@ -57,6 +57,7 @@ def _subcommands():
         'predict': (predict.main, 'top-k labels of a model for image files'),
         'publish': (hub.main, 'write a Hub model folder (config.json, model.safetensors, card) from a checkpoint'),
         'convert': (convert.main, 'initialize an AFT model from a timm ViT / DeiT checkpoint'),
+        'export': (export.main, 'write an ONNX file of a model, checked in onnxruntime against PyTorch'),
     }
 
 

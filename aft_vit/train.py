@@ -48,10 +48,7 @@ from .evaluate import evaluate
 _logger = logging.getLogger('aft_vit.train')
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The arguments, named (and defaulted) as in timm's train.py; a subset of it, plus ``--skip-image-check``."""
-    parser = argparse.ArgumentParser(prog='aft-vit train', description=__doc__.split('\n\n')[0])
-    parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML of defaults, keys as timm train.py')
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('data')
     g.add_argument('data', nargs='?', metavar='DIR', help='dataset root (same as --data-dir)')
     g.add_argument('--data-dir', metavar='DIR', help='ImageFolder root with train/ and val/ (or test/)')
@@ -62,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--val-num-samples', type=int, default=None)
     g.add_argument('--class-map', default='')
     g.add_argument('--skip-image-check', action='store_true', help='do not read every image header before training')
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('model')
     g.add_argument('--model', default='aft_conv_tiny')
     g.add_argument('--pretrained', action='store_true', help='start from the pretrained weights of --model')
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--amp', action='store_true', help='mixed precision (autocast)')
     g.add_argument('--amp-dtype', default='bfloat16', choices=('float16', 'bfloat16'))
     g.add_argument('--device-modules', nargs='+', default=None, help='modules to import before building the model')
+
+
+def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('optimizer')
     g.add_argument('--opt', default='adamw')
     g.add_argument('--opt-eps', type=float, default=None)
@@ -97,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--clip-mode', default='norm')
     g.add_argument('--layer-decay', type=float, default=None)
     g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs)
+
+
+def _add_schedule_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('schedule')
     g.add_argument('--sched', default='cosine')
     g.add_argument('--sched-on-updates', action='store_true')
@@ -114,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270])
     g.add_argument('--decay-rate', type=float, default=0.1)
     g.add_argument('--patience-epochs', type=int, default=10)
+
+
+def _add_augmentation_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('augmentation and regularization')
     g.add_argument('--no-aug', action='store_true')
     g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0])
@@ -140,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model-ema', action='store_true')
     g.add_argument('--model-ema-decay', type=float, default=0.9998)
     g.add_argument('--model-ema-warmup', action='store_true')
+
+
+def _add_misc_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group('misc')
     g.add_argument('--seed', type=int, default=42)
     g.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1))
@@ -150,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--eval-metric', default='top1')
     g.add_argument('--log-interval', type=int, default=50, help='progress bar refresh, in batches')
     g.add_argument('--no-progress', action='store_true', help='no progress bar (logs per epoch only)')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The arguments, named (and defaulted) as in timm's train.py; a subset of it, plus ``--skip-image-check``."""
+    parser = argparse.ArgumentParser(prog='aft-vit train', description=__doc__.split('\n\n')[0])
+    parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML of defaults, keys as timm train.py')
+    _add_data_args(parser)
+    _add_model_args(parser)
+    _add_optimizer_args(parser)
+    _add_schedule_args(parser)
+    _add_augmentation_args(parser)
+    _add_misc_args(parser)
     return parser
 
 

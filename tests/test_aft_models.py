@@ -17,7 +17,9 @@ PAPER_PARAMS = {
     'aft_conv_small': 20.3, 'aft_conv_small_h384': 22.5, 'aft_conv_small_k15_h384': 23.0,
     'aft_conv_base_k25': 79.7,
 }
-ALL_MODELS = sorted(PAPER_PARAMS) + ['aft_simple_tiny', 'aft_simple_small', 'aft_local_tiny', 'aft_local_small']
+IMAGENET_MODELS = sorted(PAPER_PARAMS) + ['aft_simple_tiny', 'aft_simple_small', 'aft_local_tiny', 'aft_local_small']
+SMALL_IMAGE_MODELS = {'aft_conv_tiny_patch4_32': 'cifar10'}  # architecture -> its default (published) tag
+ALL_MODELS = IMAGENET_MODELS + sorted(SMALL_IMAGE_MODELS)
 TOKEN_MODELS = ['aft_full_tiny', 'aft_local_tiny', 'aft_simple_tiny']
 SMALL = dict(depth=2)  # architecture kept, fewer blocks: fast tests
 
@@ -32,11 +34,15 @@ def _perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def test_registry_holds_every_model_and_no_default_claims_weights():
-    """No ImageNet-1k weights exist: every default tag is untrained (the small-data tags are opt-in, test_hub.py)."""
+    """No ImageNet-1k weights exist: every ImageNet-geometry default tag is untrained (the small-data tags are
+    opt-in, test_hub.py); a small-image architecture defaults to the weights it was registered for."""
     assert sorted(timm.list_models('aft_*')) == sorted(ALL_MODELS)
     for name in ALL_MODELS:
         cfg = timm.get_pretrained_cfg(name)
-        assert cfg.tag == 'untrained' and not cfg.has_weights
+        if name in SMALL_IMAGE_MODELS:
+            assert cfg.tag == SMALL_IMAGE_MODELS[name] and cfg.has_weights
+        else:
+            assert cfg.tag == 'untrained' and not cfg.has_weights
         assert cfg.paper_ids == 'arXiv:2105.14103' and cfg.license and cfg.mean and cfg.std and cfg.crop_pct
         assert cfg.fixed_input_size == (not name.startswith('aft_conv'))
     with pytest.raises(RuntimeError, match='No pretrained weights'):

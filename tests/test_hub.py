@@ -52,17 +52,19 @@ def published(checkpoint, cifar_tiny, tmp_path_factory) -> Path:
     weights = tmp_path_factory.mktemp('weights')
     _aft_vit('publish', '--checkpoint', checkpoint, '--tag', 'olahtest', '--data-dir', cifar_tiny, *PUBLISH,
              '--output', weights)
-    return weights / 'aft_conv_tiny.olahtest'
+    return weights / 'aft_conv_tiny_patch4_32.olahtest'
 
 
 def test_publish_writes_timm_hub_folder(published, checkpoint, cifar_tiny, tmp_path):
     assert sorted(p.name for p in published.iterdir()) == ['README.md', 'config.json', 'model.safetensors']
     config = json.loads((published / 'config.json').read_text())
     classes = sorted(p.name for p in (cifar_tiny / 'train').iterdir())
-    assert config['architecture'] == 'aft_conv_tiny' and config['num_classes'] == 10
+    assert config['architecture'] == 'aft_conv_tiny_patch4_32' and config['num_classes'] == 10
     assert config['label_names'] == classes
-    assert config['model_args']['patch_size'] == 4 and config['model_args']['depth'] == 1
+    # model_args: architecture arguments only (num_classes / global_pool are top-level fields), the real tag
+    assert config['model_args']['depth'] == 1 and not {'num_classes', 'global_pool', 'in_chans'} & set(config['model_args'])
     pcfg = config['pretrained_cfg']
+    assert pcfg['tag'] == 'olahtest'
     assert pcfg['input_size'] == [3, 32, 32] and pcfg['crop_pct'] == 1.0
     assert pcfg['mean'] == pytest.approx([0.4914, 0.4822, 0.4465]) and pcfg['std'] == pytest.approx([0.247, 0.2435, 0.2616])
     # EMA weights are what gets published when the checkpoint has them
@@ -71,7 +73,7 @@ def test_publish_writes_timm_hub_folder(published, checkpoint, cifar_tiny, tmp_p
     assert all(torch.equal(published_sd[k], ema[k]) for k in ema)
 
     sums = (published.parent / SUMS_FILE).read_text().split()
-    assert sums == [sha256_of(published / 'model.safetensors'), 'aft_conv_tiny.olahtest/model.safetensors']
+    assert sums == [sha256_of(published / 'model.safetensors'), 'aft_conv_tiny_patch4_32.olahtest/model.safetensors']
     card = (published / 'README.md').read_text()
     front = yaml.safe_load(card.split('---')[1])
     assert front['library_name'] == 'timm' and front['license'] and front['datasets'] == ['cifar10']
@@ -93,7 +95,7 @@ def test_card_of_a_resumed_run_lists_every_command(checkpoint, cifar_tiny, tmp_p
              '--no-progress', '-j', 0, '--resume', run / 'last.pth.tar')
     _aft_vit('publish', '--checkpoint', run / 'last.pth.tar', '--tag', 'resumed', '--data-dir', cifar_tiny, *PUBLISH,
              '--output', tmp_path / 'weights')
-    card = (tmp_path / 'weights' / 'aft_conv_tiny.resumed' / 'README.md').read_text()
+    card = (tmp_path / 'weights' / 'aft_conv_tiny_patch4_32.resumed' / 'README.md').read_text()
     commands = [line for line in card.splitlines() if line.startswith('aft-vit train ')]
     assert len(commands) == 2 and 'Trained in 2 runs' in card
     assert '--resume' not in commands[0] and '--epochs 1' in commands[0]
@@ -108,7 +110,7 @@ def test_publish_refuses_to_overwrite_and_leaves_nothing_half_written(published,
     result = _aft_vit('publish', '--checkpoint', checkpoint, '--tag', 'other', '--data-dir', cifar_tiny, *PUBLISH[:-3],
                       '--split', 'nosuchsplit', '--output', published.parent, check=False)
     assert result.returncode == 2
-    assert sorted(p.name for p in published.parent.iterdir()) == [SUMS_FILE, 'aft_conv_tiny.olahtest']
+    assert sorted(p.name for p in published.parent.iterdir()) == [SUMS_FILE, 'aft_conv_tiny_patch4_32.olahtest']
     _aft_vit('publish', '--checkpoint', checkpoint, '--tag', 'olahtest', '--data-dir', cifar_tiny, *PUBLISH,
              '--output', published.parent, '--force')
     assert sha256_of(published / 'model.safetensors') == before  # same weights, same file
@@ -131,9 +133,9 @@ def test_push_uploads_the_folder(published, monkeypatch):
             return 'commit'
     monkeypatch.setattr(huggingface_hub, 'HfApi', FakeApi)
     from aft_vit.hub import push
-    push(published, 'some-org/aft_conv_tiny.olahtest')
-    assert ('create_repo', 'some-org/aft_conv_tiny.olahtest', True) in calls
-    assert ('upload_folder', 'some-org/aft_conv_tiny.olahtest', ['README.md', 'config.json', 'model.safetensors']) in calls
+    push(published, 'some-org/aft_conv_tiny_patch4_32.olahtest')
+    assert ('create_repo', 'some-org/aft_conv_tiny_patch4_32.olahtest', True) in calls
+    assert ('upload_folder', 'some-org/aft_conv_tiny_patch4_32.olahtest', ['README.md', 'config.json', 'model.safetensors']) in calls
 
 
 def test_local_dir_and_file_overlay_load_the_published_weights(published, checkpoint):
@@ -232,7 +234,7 @@ def _load_via_hub(name: str, endpoint: str, hf_home: Path, offline: bool = False
 @pytest.fixture(scope='module')
 def hub(published, tmp_path_factory):
     server = HubServer(tmp_path_factory.mktemp('olah')).start()
-    server.add_repo('aft-vit-test/aft_conv_tiny.olahtest', published)
+    server.add_repo('aft-vit-test/aft_conv_tiny_patch4_32.olahtest', published)
     server.add_repo('aft-vit-test/aft_conv_tiny_hubtest.olah', published)
     for folder in sorted((ROOT / 'weights').glob('*.*/')):
         server.add_repo(f'aft-vit/{folder.name}', folder)
@@ -244,10 +246,10 @@ def test_hf_hub_download_cache_and_offline_reuse(hub, checkpoint, tmp_path):
     expected = _reference(checkpoint, ema=True)(X32)
     home = tmp_path / 'hf_home'
     home.mkdir()
-    online = _load_via_hub('hf-hub:aft-vit-test/aft_conv_tiny.olahtest', hub.url, home)
+    online = _load_via_hub('hf-hub:aft-vit-test/aft_conv_tiny_patch4_32.olahtest', hub.url, home)
     torch.testing.assert_close(online, expected)
     assert list(home.rglob('model.safetensors')), 'nothing was downloaded into the empty HF_HOME'
-    offline = _load_via_hub('hf-hub:aft-vit-test/aft_conv_tiny.olahtest', 'http://127.0.0.1:9', home, offline=True)
+    offline = _load_via_hub('hf-hub:aft-vit-test/aft_conv_tiny_patch4_32.olahtest', 'http://127.0.0.1:9', home, offline=True)
     torch.testing.assert_close(offline, expected)
 
 
@@ -354,5 +356,17 @@ def test_small_data_tags_are_opt_in():
     default = timm.create_model('aft_conv_tiny')
     assert default.pretrained_cfg['tag'] == 'untrained' and default.num_classes == 1000
     assert default.patch_embed.proj.weight.shape[-1] == 16
-    tagged = timm.create_model('aft_conv_tiny.cifar10', patch_size=8)  # the call's arguments win over the tag's
-    assert tagged.patch_embed.proj.weight.shape[-1] == 8 and tagged.num_classes == 10
+
+
+def test_tags_never_change_the_architecture():
+    """As in timm, a pretrained tag selects weights only; a small-image geometry is a model name of its own."""
+    for name in timm.list_pretrained('aft_*'):
+        architecture, tag = name.split('.')
+        untagged = timm.create_model(architecture, device='meta', num_classes=10)
+        tagged = timm.create_model(name, device='meta', num_classes=10)
+        assert {k: v.shape for k, v in tagged.state_dict().items()} == \
+            {k: v.shape for k, v in untagged.state_dict().items()}, name
+    cifar = timm.create_model('aft_conv_tiny_patch4_32.cifar10')
+    assert cifar.patch_embed.proj.weight.shape[-1] == 4 and cifar.num_classes == 10
+    with pytest.raises(RuntimeError, match='Invalid pretrained tag'):
+        timm.create_model('aft_conv_tiny.cifar10')

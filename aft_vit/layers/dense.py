@@ -142,6 +142,12 @@ class _DenseAft(torch.autograd.Function):
 
 
 @torch.jit.unused
+def _is_tracing() -> bool:
+    """torch.jit.trace / the ONNX exporters record plain ops (not the autograd Function's in-place writes)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+@torch.jit.unused
 def _dense_no_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return _dense_forward(q, k, v, weights)[0]
 
@@ -174,7 +180,7 @@ def aft_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.
     Returns:
         (B, T, C) in ``v``'s dtype.
     """
-    if torch.jit.is_scripting() or torch.compiler.is_compiling():
+    if torch.jit.is_scripting() or torch.compiler.is_compiling() or _is_tracing():
         return _dense_ops(q, k, v, weights)  # autograd (or the compiler) derives the backward
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or weights.requires_grad):
         return _dense_function(q, k, v, weights)

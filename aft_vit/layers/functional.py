@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from .dense import aft_dense, positive_weights
 
 __all__ = ['aft_full', 'aft_simple', 'aft_local', 'aft_conv2d', 'aft_conv2d_dense', 'conv_window_weights',
-           'dense_is_cheaper', 'local_window_mask', 'local_window_mask_2d']
+           'dense_is_cheaper', 'is_exporting', 'local_window_mask', 'local_window_mask_2d']
 
 
 def _check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -217,17 +217,21 @@ def _sum_outside_window(x: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def _prefix_before(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Along the last dim: at i, the sum over i' < i - r."""
-    size = x.shape[-1]
-    inclusive = x.narrow(-1, 0, max(size - radius - 1, 0)).cumsum(dim=-1)
-    return F.pad(inclusive, (min(radius + 1, size), 0))
+    """Along the last dim: at i, the sum over i' < i - r (zeros padded in front: no branch on the size, so an
+    exported graph serves every size)."""
+    return F.pad(x, (radius + 1, 0)).cumsum(dim=-1).narrow(-1, 0, x.shape[-1])
 
 
 def _suffix_after(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Along the last dim: at i, the sum over i' > i + r."""
-    size = x.shape[-1]
-    tail = x.narrow(-1, min(radius + 1, size), max(size - radius - 1, 0))
-    return F.pad(tail.flip(-1).cumsum(dim=-1).flip(-1), (0, min(radius + 1, size)))
+    """Along the last dim: at i, the sum over i' > i + r (summed from the end, zeros padded behind)."""
+    return F.pad(x, (0, radius + 1)).flip(-1).cumsum(dim=-1).flip(-1).narrow(-1, radius + 1, x.shape[-1])
+
+
+@torch.jit.unused
+def is_exporting() -> bool:
+    """Whether the forward is being recorded for a file (torch.export, the ONNX exporters, torch.jit.trace): then
+    AFT-conv takes its convolution path, whose graph holds for every input size, and nothing is cached."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 def _window_index(height: int, width: int, kernel_size: int, device: torch.device) -> torch.Tensor:
@@ -359,8 +363,10 @@ def aft_conv2d(
             f'aft_conv2d: channels C={channels} must be divisible by the number of heads h={num_heads}')
     if method not in ('auto', 'conv', 'dense'):
         raise ValueError(f"aft_conv2d: method must be 'auto', 'conv' or 'dense', got '{method}'")
+    exporting = not torch.jit.is_scripting() and is_exporting()
     if method == 'auto':
-        method = 'dense' if dense_is_cheaper(height * width, kernel_size, num_heads) else 'conv'
+        # the dense path's weights are built for one grid; an exported graph must serve any
+        method = 'dense' if not exporting and dense_is_cheaper(height * width, kernel_size, num_heads) else 'conv'
     if method == 'dense':
         return aft_conv2d_dense(q, k, v, conv_window_weights(weight, height, width))
     needs_grad = q.requires_grad or k.requires_grad or v.requires_grad or weight.requires_grad
@@ -368,7 +374,7 @@ def aft_conv2d(
         # keep only the inputs for backward and recompute the rest there: the (B, H, W, h (d + 1))
         # intermediates would otherwise dominate training memory at the large grids this path serves
         return checkpoint(_aft_conv2d_conv, q, k, v, weight, use_reentrant=False)
-    if torch.jit.is_scripting():
+    if torch.jit.is_scripting() or exporting:
         return _aft_conv2d_conv(q, k, v, weight)
     return _aft_conv2d_conv_by_heads(q, k, v, weight)
 

@@ -16,7 +16,8 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 
 from .cache import ParameterDerivedCache
 from .functional import (
-    aft_conv2d, aft_conv2d_dense, aft_full, aft_simple, conv_window_weights, dense_is_cheaper, local_window_mask_2d)
+    aft_conv2d, aft_conv2d_dense, aft_full, aft_simple, conv_window_weights, dense_is_cheaper, is_exporting,
+    local_window_mask_2d)
 
 __all__ = ['AftMixer', 'AftFull', 'AftLocal', 'AftSimple', 'AftConv', 'MixerArgs', 'MIXERS', 'get_mixer']
 
@@ -299,7 +300,7 @@ class AftConv(AftMixer, name='conv'):
         then what is derived from the kernel can be reused until the kernel's parameters change. Under
         torch.compile the graph derives it on every call instead: a cache lookup would break the graph at
         every block, which measured slower than recomputing (benchmarks/README.md)."""
-        if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or is_exporting():
             return False
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in self._kernel_params()))
 

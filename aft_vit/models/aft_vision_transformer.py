@@ -112,6 +112,21 @@ def check_image_input(
             'resize or crop the image, or create the model with dynamic_img_pad=True')
 
 
+def _token_layout(mixer_cls: type, class_token: Optional[bool], pos_embed: Optional[str], global_pool: Optional[str]
+                  ) -> Tuple[bool, str, str]:
+    """Class token, position embedding and pooling, each defaulted from what the mixer declares, and checked."""
+    class_token = mixer_cls.default_class_token if class_token is None else class_token
+    pos_embed = ('learn' if mixer_cls.default_class_token else 'none') if pos_embed is None else pos_embed
+    global_pool = ('token' if class_token else 'avg') if global_pool is None else global_pool
+    if global_pool not in POOL_TYPES:
+        raise ValueError(f'Unknown global_pool {global_pool!r}, expected one of {POOL_TYPES}')
+    if global_pool == 'token' and not class_token:
+        raise ValueError("global_pool='token' needs a class token (class_token=True)")
+    if pos_embed not in ('', 'none', 'learn'):
+        raise ValueError(f"pos_embed must be 'learn' or 'none', got {pos_embed!r}")
+    return class_token, pos_embed, global_pool
+
+
 class AftBlock(nn.Module):
     """Pre-norm transformer block with an AFT token mixer in place of attention."""
 
@@ -155,7 +170,38 @@ class AftBlock(nn.Module):
 
 
 class AftVisionTransformer(nn.Module):
-    """Vision Transformer with AFT token mixers (AFT-full, -local, -simple or -conv)."""
+    """Vision Transformer with AFT token mixers (AFT-full, -local, -simple or -conv).
+
+    Args:
+        img_size: Input image size (the nominal size for AFT-conv, which takes any multiple of the patch).
+        patch_size: Patch size.
+        in_chans: Number of image input channels.
+        num_classes: Number of classes for classification head (0 for none).
+        global_pool: 'token', 'avg', 'avgmax', 'max' or '' (none); default 'token' with a class token, else 'avg'.
+        embed_dim: Embedding dimension.
+        depth: Number of blocks.
+        mixer: Token mixer, a name registered in ``aft_vit.layers.MIXERS`` ('full', 'local', 'simple', 'conv').
+        num_heads: AFT-conv heads (key channels, one kernel each).
+        kernel_size: AFT-conv kernel size s (odd).
+        bias_rank: Rank of the factorized AFT-full / AFT-local bias.
+        local_window: AFT-local window size in patches (odd).
+        mlp_ratio: Ratio of MLP hidden dim to embedding dim.
+        qkv_bias: Bias in the q, k, v projection.
+        proj_bias: Bias in the output projections.
+        init_values: LayerScale init value (disabled if None).
+        class_token: Use a class token; default: the mixer's ``default_class_token`` (False for conv).
+        pos_embed: 'learn' or 'none'; default 'learn' with a class token by default, else 'none'.
+        dynamic_img_size: Accept any input size by resampling position embedding and biases on the fly
+            (always on for AFT-conv, which needs no resampling).
+        dynamic_img_pad: Pad inputs that are not a multiple of the patch size.
+        drop_rate: Head dropout rate.
+        pos_drop_rate: Dropout after the position embedding.
+        proj_drop_rate: Dropout after projections and in the MLP.
+        drop_path_rate: Stochastic depth rate (linear decay over depth).
+        weight_init: timm ViT init mode ('', 'jax', 'jax_nlhb', 'moco', 'reset' or 'skip').
+        norm_layer: Normalization layer (LayerNorm).
+        act_layer: MLP activation (GELU).
+    """
     dynamic_img_size: Final[bool]
 
     def __init__(
@@ -190,49 +236,10 @@ class AftVisionTransformer(nn.Module):
             device=None,
             dtype=None,
     ) -> None:
-        """
-        Args:
-            img_size: Input image size (the nominal size for AFT-conv, which takes any multiple of the patch).
-            patch_size: Patch size.
-            in_chans: Number of image input channels.
-            num_classes: Number of classes for classification head (0 for none).
-            global_pool: 'token', 'avg', 'avgmax', 'max' or '' (none); default 'avg' for conv, else 'token'.
-            embed_dim: Embedding dimension.
-            depth: Number of blocks.
-            mixer: Token mixer, one of 'full', 'local', 'simple', 'conv'.
-            num_heads: AFT-conv heads (key channels, one kernel each).
-            kernel_size: AFT-conv kernel size s (odd).
-            bias_rank: Rank of the factorized AFT-full / AFT-local bias.
-            local_window: AFT-local window size in patches (odd).
-            mlp_ratio: Ratio of MLP hidden dim to embedding dim.
-            qkv_bias: Bias in the q, k, v projection.
-            proj_bias: Bias in the output projections.
-            init_values: LayerScale init value (disabled if None).
-            class_token: Use a class token; default False for conv, else True.
-            pos_embed: 'learn' or 'none'; default 'none' for conv, else 'learn'.
-            dynamic_img_size: Accept any input size by resampling position embedding and biases on the fly
-                (always on for AFT-conv, which needs no resampling).
-            dynamic_img_pad: Pad inputs that are not a multiple of the patch size.
-            drop_rate: Head dropout rate.
-            pos_drop_rate: Dropout after the position embedding.
-            proj_drop_rate: Dropout after projections and in the MLP.
-            drop_path_rate: Stochastic depth rate (linear decay over depth).
-            weight_init: timm ViT init mode ('', 'jax', 'jax_nlhb', 'moco', 'reset' or 'skip').
-            norm_layer: Normalization layer (LayerNorm).
-            act_layer: MLP activation (GELU).
-        """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         mixer_cls = get_mixer(mixer)
-        class_token = mixer_cls.default_class_token if class_token is None else class_token
-        pos_embed = ('learn' if mixer_cls.default_class_token else 'none') if pos_embed is None else pos_embed
-        global_pool = ('token' if class_token else 'avg') if global_pool is None else global_pool
-        if global_pool not in POOL_TYPES:
-            raise ValueError(f'Unknown global_pool {global_pool!r}, expected one of {POOL_TYPES}')
-        if global_pool == 'token' and not class_token:
-            raise ValueError("global_pool='token' needs a class token (class_token=True)")
-        if pos_embed not in ('', 'none', 'learn'):
-            raise ValueError(f"pos_embed must be 'learn' or 'none', got {pos_embed!r}")
+        class_token, pos_embed, global_pool = _token_layout(mixer_cls, class_token, pos_embed, global_pool)
         norm_layer = get_norm_layer(norm_layer) or LayerNorm
         act_layer = get_act_layer(act_layer) or nn.GELU
 
@@ -247,26 +254,10 @@ class AftVisionTransformer(nn.Module):
         self.dynamic_img_size = dynamic_img_size or (pos_embed in ('', 'none') and not mixer_cls.grid_params)
         self.grad_checkpointing = False
 
-        embed_args = dict(strict_img_size=False, output_fmt='NHWC') if self.dynamic_img_size else {}
-        self.patch_embed = PatchEmbed(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            dynamic_img_pad=dynamic_img_pad,
-            **embed_args,
-            **dd,
-        )
+        self._init_embeddings(img_size, patch_size, in_chans, embed_dim, dynamic_img_pad, class_token, pos_embed,
+                              pos_drop_rate, dd)
         grid_size = self.patch_embed.grid_size
-        num_patches = self.patch_embed.num_patches
         reduction = self.patch_embed.feat_ratio()
-
-        self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd)) if class_token else None
-        if pos_embed == 'learn':
-            self.pos_embed = nn.Parameter(torch.empty(1, num_patches + self.num_prefix_tokens, embed_dim, **dd))
-        else:
-            self.pos_embed = None
-        self.pos_drop = nn.Dropout(p=pos_drop_rate)
 
         mixer_layer = mixer_cls.layer(MixerArgs(
             grid_size=grid_size,
@@ -281,18 +272,8 @@ class AftVisionTransformer(nn.Module):
 
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList([
-            AftBlock(
-                dim=embed_dim,
-                mixer_layer=mixer_layer,
-                mlp_ratio=mlp_ratio,
-                proj_bias=proj_bias,
-                proj_drop=proj_drop_rate,
-                init_values=init_values,
-                drop_path=dpr[i],
-                act_layer=act_layer,
-                norm_layer=norm_layer,
-                **dd,
-            )
+            AftBlock(embed_dim, mixer_layer, mlp_ratio=mlp_ratio, proj_bias=proj_bias, proj_drop=proj_drop_rate,
+                     init_values=init_values, drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer, **dd)
             for i in range(depth)])
         self.feature_info = [
             dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
@@ -303,6 +284,27 @@ class AftVisionTransformer(nn.Module):
         self.weight_init_mode = 'reset' if weight_init == 'skip' else weight_init
         if weight_init != 'skip':
             self.init_weights(needs_reset=False)
+
+    def _init_embeddings(self, img_size, patch_size, in_chans: int, embed_dim: int, dynamic_img_pad: bool,
+                         class_token: bool, pos_embed: str, pos_drop_rate: float, dd: Dict[str, Any]) -> None:
+        """The patch embedding (NHWC out when the input size is dynamic), class token and position embedding."""
+        embed_args = dict(strict_img_size=False, output_fmt='NHWC') if self.dynamic_img_size else {}
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            dynamic_img_pad=dynamic_img_pad,
+            **embed_args,
+            **dd,
+        )
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd)) if class_token else None
+        if pos_embed == 'learn':
+            self.pos_embed = nn.Parameter(torch.empty(1, num_patches + self.num_prefix_tokens, embed_dim, **dd))
+        else:
+            self.pos_embed = None
+        self.pos_drop = nn.Dropout(p=pos_drop_rate)
 
     def init_weights(self, mode: str = '', needs_reset: bool = True) -> None:
         """DeiT / timm ViT init: trunc-normal(.02) linear weights and pos_embed, class token N(0, 1e-6)."""
@@ -591,22 +593,23 @@ CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog
 IMAGENETTE_WNIDS = ('n01440764', 'n02102040', 'n02979186', 'n03000684', 'n03028079', 'n03394916', 'n03417042',
                     'n03425413', 'n03445777', 'n03888257')
 
-# No ImageNet-1k weights exist: each architecture's default tag is its untrained ImageNet-1k config.
-# Weights trained here on small datasets (weights/<model>.<tag>/, README "Results") have their own tags; their
-# Hub repositories hold exactly those folders.
+# No ImageNet-1k weights exist: each ImageNet-geometry architecture's default tag is its untrained ImageNet-1k config.
+# Weights trained here on small datasets (weights/<model>.<tag>/, README "Results") have their own tags; their Hub
+# repositories hold exactly those folders. As in timm, a tag never changes the architecture: small-image
+# geometries (patch size, nominal input) have their own model names, e.g. aft_conv_tiny_patch4_32 for 32 px images.
 default_cfgs = generate_default_cfgs({
     'aft_full_tiny.untrained': _cfg(),
     'aft_full_small.untrained': _cfg(),
-    'aft_conv_tiny.cifar10': _conv_cfg(
-        hf_hub_id='aft-vit/aft_conv_tiny.cifar10', num_classes=10, input_size=(3, 32, 32), crop_pct=1.0,
-        mean=CIFAR10_MEAN, std=CIFAR10_STD, label_names=CIFAR10_CLASSES,
-        description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px, 4 px patches (2-core CPU budget).'),
+    # AFT-conv has no position parameters, so Imagenette's 128 px weights are aft_conv_tiny's, like timm's '_384' tags
     'aft_conv_tiny.imagenette': _conv_cfg(
         hf_hub_id='aft-vit/aft_conv_tiny.imagenette', num_classes=10, input_size=(3, 128, 128), crop_pct=0.875,
         label_names=IMAGENETTE_WNIDS, label_descriptions=imagenet_descriptions(IMAGENETTE_WNIDS),
         description='Trained from scratch on Imagenette at 128 px (2-core CPU budget).'),
-    # '*' after the tags with weights: the untrained ImageNet-1k config stays the default, the small-data tags opt-in
-    'aft_conv_tiny.untrained*': _conv_cfg(),
+    'aft_conv_tiny.untrained*': _conv_cfg(),  # '*': the default tag, although the one above has weights
+    'aft_conv_tiny_patch4_32.cifar10': _conv_cfg(
+        hf_hub_id='aft-vit/aft_conv_tiny_patch4_32.cifar10', num_classes=10, input_size=(3, 32, 32), crop_pct=1.0,
+        mean=CIFAR10_MEAN, std=CIFAR10_STD, label_names=CIFAR10_CLASSES,
+        description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px (2-core CPU budget).'),
     'aft_conv_tiny_h192.untrained': _conv_cfg(),
     'aft_conv_small.untrained': _conv_cfg(),
     'aft_conv_small_h384.untrained': _conv_cfg(),
@@ -619,108 +622,92 @@ default_cfgs = generate_default_cfgs({
 })
 
 
-# Architecture arguments that a tag's weights were trained with. timm's PretrainedCfg has no field for them (timm
-# gives each patch size its own model name), so the model functions add them: 'aft_conv_tiny.cifar10' builds the
-# 4-px-patch model its weights need instead of resampling them to 16 px. Arguments of the call still win.
-TAG_MODEL_ARGS: Dict[str, Dict[str, Any]] = {
-    'aft_conv_tiny.cifar10': dict(img_size=32, patch_size=4),
-    'aft_conv_tiny.imagenette': dict(img_size=128),
-}
-
-
-def _tag_of(pretrained_cfg: Any) -> Optional[str]:
-    """The pretrained tag a create_model call selects: 'name.tag' arrives as pretrained_cfg='tag'."""
-    if isinstance(pretrained_cfg, str):
-        return pretrained_cfg
-    if isinstance(pretrained_cfg, dict):
-        return pretrained_cfg.get('tag')
-    return getattr(pretrained_cfg, 'tag', None)
-
-
-def _model(variant: str, pretrained: bool, model_args: Dict[str, Any], kwargs: Dict[str, Any]) -> AftVisionTransformer:
-    tag_args = TAG_MODEL_ARGS.get(f'{variant}.{_tag_of(kwargs.get("pretrained_cfg"))}', {})
-    return _create_aft_vit(variant, pretrained=pretrained, **{**model_args, **tag_args, **kwargs})
-
-
 @register_model
 def aft_full_tiny(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
     """AFT-full tiny: DeiT-tiny with AFT-full (rank-128 bias). Paper: 72.4 top-1, 6.3M params."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, mixer='full', bias_rank=128)
-    return _model('aft_full_tiny', pretrained, model_args, kwargs)
+    return _create_aft_vit('aft_full_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def aft_full_small(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
     """AFT-full small: DeiT-small with AFT-full (rank-128 bias). Paper: 79.8 top-1, 22.6M params."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, mixer='full', bias_rank=128)
-    return _model('aft_full_small', pretrained, model_args, kwargs)
+    return _create_aft_vit('aft_full_small', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def aft_conv_tiny(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
     """AFT-conv tiny, 32 heads, kernel 11. Paper: 73.9 top-1, 5.4M params."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, mixer='conv', num_heads=32, kernel_size=11)
-    return _model('aft_conv_tiny', pretrained, model_args, kwargs)
+    return _create_aft_vit('aft_conv_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def aft_conv_tiny_patch4_32(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
+    """AFT-conv tiny for 32 px images (CIFAR): 4 px patches, an 8 x 8 grid. Not in the paper's tables."""
+    model_args = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, mixer='conv', num_heads=32, kernel_size=11)
+    return _create_aft_vit('aft_conv_tiny_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def aft_conv_tiny_h192(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
     """AFT-conv tiny, 192 heads, kernel 11. Paper: 74.8 top-1, 5.9M params."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, mixer='conv', num_heads=192, kernel_size=11)
-    return _model('aft_conv_tiny_h192', pretrained, model_args, kwargs)
+    return _create_aft_vit('aft_conv_tiny_h192', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def aft_conv_small(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
     """AFT-conv small, 16 heads, kernel 11. Paper: 80.2 top-1, 20.3M params."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, mixer='conv', num_heads=16, kernel_size=11)
-    return _model('aft_conv_small', pretrained, model_args, kwargs)
+    return _create_aft_vit('aft_conv_small', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def aft_conv_small_h384(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
     """AFT-conv small, 384 heads, kernel 11. Paper: 80.8 top-1, 22.5M params."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, mixer='conv', num_heads=384, kernel_size=11)
-    return _model('aft_conv_small_h384', pretrained, model_args, kwargs)
+    return _create_aft_vit('aft_conv_small_h384', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def aft_conv_small_k15_h384(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
     """AFT-conv small, 384 heads, kernel 15. Paper: 81.0 top-1, 23.0M params."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, mixer='conv', num_heads=384, kernel_size=15)
-    return _model('aft_conv_small_k15_h384', pretrained, model_args, kwargs)
+    return _create_aft_vit('aft_conv_small_k15_h384', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def aft_conv_base_k25(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
     """AFT-conv base, 32 heads, kernel 25. Paper: 83.4 top-1 when initialized from DeiT-base, 79.7M params."""
     model_args = dict(patch_size=16, embed_dim=768, depth=12, mixer='conv', num_heads=32, kernel_size=25)
-    return _model('aft_conv_base_k25', pretrained, model_args, kwargs)
+    return _create_aft_vit('aft_conv_base_k25', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def aft_simple_tiny(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
     """AFT-simple tiny: DeiT-tiny with AFT-simple (no position bias). Not in the paper's tables."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, mixer='simple')
-    return _model('aft_simple_tiny', pretrained, model_args, kwargs)
+    return _create_aft_vit('aft_simple_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def aft_simple_small(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
     """AFT-simple small: DeiT-small with AFT-simple (no position bias). Not in the paper's tables."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, mixer='simple')
-    return _model('aft_simple_small', pretrained, model_args, kwargs)
+    return _create_aft_vit('aft_simple_small', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def aft_local_tiny(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
     """AFT-local tiny: rank-128 bias inside a 7x7 patch window, 0 outside. Not in the paper's tables."""
     model_args = dict(patch_size=16, embed_dim=192, depth=12, mixer='local', bias_rank=128, local_window=7)
-    return _model('aft_local_tiny', pretrained, model_args, kwargs)
+    return _create_aft_vit('aft_local_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def aft_local_small(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
     """AFT-local small: rank-128 bias inside a 7x7 patch window, 0 outside. Not in the paper's tables."""
     model_args = dict(patch_size=16, embed_dim=384, depth=12, mixer='local', bias_rank=128, local_window=7)
-    return _model('aft_local_small', pretrained, model_args, kwargs)
+    return _create_aft_vit('aft_local_small', pretrained=pretrained, **dict(model_args, **kwargs))
