@@ -17,10 +17,10 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
-from timm.models import clean_state_dict
+from timm.models import clean_state_dict, get_pretrained_cfg
 
 from .errors import PretrainedWeightsError, UserInputError
 
@@ -109,33 +109,73 @@ def check_weights_fit(state_dict: Mapping[str, torch.Tensor], model: torch.nn.Mo
             'the weights were trained as (and its model_args)')
 
 
-def _requested_source(variant: str, create_kwargs: Mapping[str, Any]) -> str:
-    """The weights a create_model call asks for (file, Hub repository or URL), for error messages."""
-    for cfg in (create_kwargs.get('pretrained_cfg_overlay'), create_kwargs.get('pretrained_cfg')):
+def _requested_source(variant: str, create_kwargs: Mapping[str, Any]) -> Tuple[str, Optional[str]]:
+    """The weights a create_model call asks for, for error messages: (file, ``hf-hub:`` id or URL; the Hub
+    repository id if they come from the Hub)."""
+    tag = create_kwargs.get('pretrained_cfg')
+    registered = get_pretrained_cfg(f'{variant}.{tag}') if isinstance(tag, str) else None
+    for cfg in (create_kwargs.get('pretrained_cfg_overlay'), tag, registered):
         cfg = cfg.to_dict() if hasattr(cfg, 'to_dict') else cfg
-        if isinstance(cfg, Mapping):
-            for key, fmt in (('file', '{}'), ('hf_hub_id', 'hf-hub:{}'), ('url', '{}')):
-                if cfg.get(key):
-                    return fmt.format(cfg[key])
-    return f'the pretrained weights of {variant}'
+        if not isinstance(cfg, Mapping):
+            continue
+        if cfg.get('file'):
+            return cfg['file'], None
+        if cfg.get('hf_hub_id'):
+            return f'hf-hub:{cfg["hf_hub_id"]}', cfg['hf_hub_id']
+        if cfg.get('url'):
+            return cfg['url'], None
+    return f'the pretrained weights of {variant}', None
+
+
+def _error_chain(error: Optional[BaseException]) -> Iterator[BaseException]:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _hub_advice(error: BaseException, repo_id: str) -> Optional[str]:
+    """What went wrong fetching weights from the Hub and what to do, or None if it was not the Hub."""
+    from huggingface_hub import errors as hub_errors
+    chain = list(_error_chain(error))
+
+    def found(*types: type) -> bool:
+        return any(isinstance(e, types) for e in chain)
+
+    local_dir = 'or load a downloaded folder with local-dir:PATH'
+    if found(hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError):
+        return (f'the Hub has no repository {repo_id} (or it is private or gated): check the id, load another '
+                f'repository with hf-hub:ORG/NAME, {local_dir}')
+    if found(hub_errors.RemoteEntryNotFoundError):
+        return f'the Hub repository {repo_id} has no weights file: load another with hf-hub:ORG/NAME, {local_dir}'
+    if found(hub_errors.OfflineModeIsEnabled):
+        return (f'HF_HUB_OFFLINE is set and no copy of {repo_id} is cached: unset it once, with a network, to '
+                f'download and cache it, {local_dir}')
+    if found(hub_errors.LocalEntryNotFoundError, ConnectionError, TimeoutError):
+        return (f'the Hub could not be reached and no copy of {repo_id} is cached: connect and try again; with a '
+                f'copy fetched before, set HF_HUB_OFFLINE=1; {local_dir}')
+    return None
 
 
 @contextlib.contextmanager
 def explain_pretrained_errors(variant: str, pretrained: bool, create_kwargs: Mapping[str, Any]) -> Iterator[None]:
-    """Turn a failure to load pretrained weights into one PretrainedWeightsError naming the weights and the fix.
-
-    The caller's own argument errors (TypeError, ValueError) pass through unchanged.
-    """
+    """Turn a failure to load pretrained weights into one PretrainedWeightsError naming the weights, telling
+    apart weights of another architecture, a Hub that cannot be reached, a repository that does not exist and a
+    bad file, and saying what to do. The caller's own argument errors (TypeError, ValueError) pass unchanged."""
     try:
         yield
-    except (TypeError, ValueError):
-        raise
     except Exception as e:
         if not pretrained:
             raise
-        source = _requested_source(variant, create_kwargs)
+        source, repo_id = _requested_source(variant, create_kwargs)
         if isinstance(e, PretrainedWeightsError):
             raise PretrainedWeightsError(f'cannot load {source} for {variant}: {e}') from None
+        advice = _hub_advice(e, repo_id) if repo_id else None
+        if advice:
+            raise PretrainedWeightsError(f'cannot load {source} for {variant}: {advice}') from e
+        if isinstance(e, (TypeError, ValueError)):
+            raise
         detail = ' '.join(str(e).split())[:300] or type(e).__name__
         raise PretrainedWeightsError(
             f'cannot load {source} for {variant}: {type(e).__name__}: {detail}; '

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='aft-vit eval', description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', default=None, help='registry name[.tag], hf-hub:ORG/NAME or local-dir:PATH')
     parser.add_argument('--checkpoint', default='', help='weights to evaluate (a training checkpoint or state dict)')
+    parser.add_argument('--pretrained', action='store_true', help="the model's published weights (what --model "
+                        'loads without --checkpoint; as in timm validate.py / inference.py)')
     parser.add_argument('--use-ema', action='store_true', help="use the checkpoint's EMA weights")
     parser.add_argument('--data-dir', required=True, help='ImageFolder root')
     parser.add_argument('--split', default='validation', help="split folder ('val' or 'test' are found too)")

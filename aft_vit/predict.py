@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('images', nargs='+', help='image files')
     parser.add_argument('--model', default=None, help='registry name[.tag], hf-hub:ORG/NAME or local-dir:PATH')
     parser.add_argument('--checkpoint', default='', help='weights (a training checkpoint or state dict)')
+    parser.add_argument('--pretrained', action='store_true', help="the model's published weights (what --model "
+                        'loads without --checkpoint; as in timm validate.py / inference.py)')
     parser.add_argument('--use-ema', action='store_true')
     parser.add_argument('--class-dir', default='', help='folder whose sub-folders name the classes, in sorted order')
     parser.add_argument('--topk', type=int, default=5)

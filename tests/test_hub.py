@@ -370,3 +370,96 @@ def test_tags_never_change_the_architecture():
     assert cifar.patch_embed.proj.weight.shape[-1] == 4 and cifar.num_classes == 10
     with pytest.raises(RuntimeError, match='Invalid pretrained tag'):
         timm.create_model('aft_conv_tiny.cifar10')
+
+
+HUB_ERROR_SCRIPT = '''
+import sys
+import aft_vit, timm
+from aft_vit.errors import PretrainedWeightsError
+try:
+    timm.create_model('aft_conv_tiny_patch4_32', pretrained=True, depth=1,
+                      pretrained_cfg_overlay=dict(hf_hub_id=sys.argv[1]))
+except PretrainedWeightsError as e:
+    print(e)
+'''
+
+
+def _hub_error(repo_id: str, endpoint: str, hf_home: Path, offline: bool = False) -> str:
+    """The PretrainedWeightsError message of loading ``repo_id`` from ``endpoint`` in a fresh process."""
+    env = dict(os.environ, HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY='1')
+    env.pop('HF_TOKEN', None)
+    if offline:
+        env['HF_HUB_OFFLINE'] = '1'
+    result = subprocess.run([sys.executable, '-c', HUB_ERROR_SCRIPT, repo_id], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr[-3000:]
+    return result.stdout.strip()
+
+
+def test_hub_failures_are_told_apart(hub, published, tmp_path):
+    """No connection (offline, nothing cached), no such repository, and a bad file: three messages, three fixes."""
+    offline = _hub_error('aft-vit-test/aft_conv_tiny_patch4_32.olahtest', hub.url, tmp_path / 'empty', offline=True)
+    assert 'HF_HUB_OFFLINE is set and no copy of aft-vit-test/aft_conv_tiny_patch4_32.olahtest is cached' in offline
+    assert 'local-dir:PATH' in offline and 'corrupt' not in offline
+
+    missing = _hub_error('aft-vit-test/no-such-model', hub.url, tmp_path / 'home1')
+    assert 'the Hub has no repository aft-vit-test/no-such-model' in missing and 'hf-hub:ORG/NAME' in missing
+    assert 'corrupt' not in missing
+
+    broken = tmp_path / 'truncated'
+    shutil.copytree(published, broken)
+    data = (broken / 'model.safetensors').read_bytes()
+    (broken / 'model.safetensors').write_bytes(data[:len(data) // 2])
+    hub.add_repo('aft-vit-test/truncated', broken)
+    bad = _hub_error('aft-vit-test/truncated', hub.url, tmp_path / 'home2')
+    assert 'cannot load hf-hub:aft-vit-test/truncated' in bad and 'truncated or corrupt' in bad
+
+
+def test_unreachable_hub_says_so():
+    """A refused connection under huggingface_hub's "not in the local cache" error: no connection, not a bad file."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from aft_vit.checkpoint import explain_pretrained_errors
+    with pytest.raises(PretrainedWeightsError, match=r'hf-hub:org/name .*the Hub could not be reached and no copy '
+                                                     r'of org/name is cached: connect .*HF_HUB_OFFLINE=1'):
+        with explain_pretrained_errors('aft_conv_tiny', True, dict(pretrained_cfg=dict(hf_hub_id='org/name'))):
+            try:
+                raise ConnectionRefusedError(111, 'Connection refused')
+            except ConnectionRefusedError as refused:
+                raise LocalEntryNotFoundError('cannot find the requested files in the local cache') from refused
+
+
+
+def _cat_photo(tmp_path: Path) -> Path:
+    from PIL import Image
+    from skimage.data import chelsea
+    path = tmp_path / 'chelsea.png'
+    Image.fromarray(chelsea()).save(path)
+    return path
+
+
+def test_cli_predicts_and_evaluates_from_published_weights(hub, cifar_tiny, tmp_path):
+    """timm's --model NAME --pretrained, for a registry tag (downloaded from the Hub) and a local-dir: folder;
+    labels come from the published config."""
+    folder = ROOT / 'weights' / 'aft_conv_tiny_patch4_32.cifar10'
+    photo = _cat_photo(tmp_path)
+    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / 'hf_home'), HF_HUB_DISABLE_TELEMETRY='1')
+    env.pop('HF_TOKEN', None)
+    result = subprocess.run([sys.executable, '-m', 'aft_vit', 'predict', '--model', 'aft_conv_tiny_patch4_32.cifar10',
+                             '--pretrained', str(photo), '--topk', '3', '--json'], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from_hub = json.loads(result.stdout)[0]['predictions']
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    from PIL import Image
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))
+    with torch.no_grad():
+        probs, indices = model(transform(Image.open(photo).convert('RGB')).unsqueeze(0)).softmax(-1)[0].topk(3)
+    names = model.pretrained_cfg['label_names']
+    assert [p['label'] for p in from_hub] == [names[i] for i in indices] and from_hub[0]['label'] == 'cat'
+    assert [p['probability'] for p in from_hub] == pytest.approx(probs.tolist(), abs=1e-5)
+
+    local = _aft_vit('predict', '--model', f'local-dir:{folder}', '--pretrained', photo, '--topk', '3')
+    assert local.stdout.startswith(f'{photo}: cat ')
+    evaluated = _aft_vit('eval', '--model', f'local-dir:{folder}', '--pretrained', '--data-dir', cifar_tiny,
+                         '--split', 'test', '--no-progress', '-j', 0)
+    assert re.search(r'on .*test \(100 images\): top1 [\d.]+', evaluated.stdout), evaluated.stdout
