@@ -49,7 +49,7 @@ def _models_main(argv: List[str]) -> int:
 
 
 def _subcommands():
-    from . import convert, evaluate, export, hub, predict, train
+    from . import convert, evaluate, export, holdout, hub, predict, train
     return {
         'models': (_models_main, 'list the AFT models registered in timm, with their parameter counts'),
         'train': (train.main, 'train or fine-tune a model on an ImageFolder tree (timm train.py arguments)'),
@@ -57,6 +57,7 @@ def _subcommands():
         'predict': (predict.main, 'top-k labels of a model for image files'),
         'publish': (hub.main, 'write a Hub model folder (config.json, model.safetensors, card) from a checkpoint'),
         'convert': (convert.main, 'initialize an AFT model from a timm ViT / DeiT checkpoint'),
+        'holdout': (holdout.main, 'hold out part of a train split (as links) to choose recipes without the test split'),
         'export': (export.main, 'write an ONNX file of a model, checked in onnxruntime against PyTorch'),
     }
 

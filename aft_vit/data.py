@@ -49,6 +49,15 @@ def _is_skipped_image(name: str) -> bool:
     return not _is_image(name) and name.lower().endswith(PIL_IMAGE_EXTENSIONS)
 
 
+def _files(folder: Path) -> List[Path]:
+    return [Path(root, f) for root, _, names in os.walk(folder) for f in names]
+
+
+def image_files(class_dir: Path) -> List[Path]:
+    """The images timm's ImageFolder reader reads under a class folder (sub-folders included)."""
+    return [f for f in _files(class_dir) if _is_image(f.name)]
+
+
 def check_image_folder(split_dir: Path, verify_images: bool = True) -> List[str]:
     """Check an ImageFolder tree (``<split>/<class>/<image>``) and return its class names in index order.
 
@@ -62,7 +71,7 @@ def check_image_folder(split_dir: Path, verify_images: bool = True) -> List[str]
         raise UserInputError(f'{split_dir} has no class folders{hint}; expected {split_dir}/<class>/<image>')
     extensions = ', '.join(get_img_extensions())
     for name in classes:
-        files = [Path(root, f) for root, _, names in os.walk(split_dir / name) for f in names]
+        files = _files(split_dir / name)
         skipped = [f for f in files if _is_skipped_image(f.name)]
         if skipped:
             raise UserInputError(

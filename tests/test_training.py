@@ -12,6 +12,8 @@ import torch
 import yaml
 
 from aft_vit.cli import main as cli_main
+from aft_vit.errors import UserInputError
+from aft_vit.holdout import make_holdout
 from aft_vit.train import build_parser as train_parser, parse_args
 from aft_vit.labels import imagenet_descriptions
 
@@ -294,3 +296,28 @@ def test_randaugment_top_magnitude_posterize_does_not_crash():
     out = op(image)
     assert out.size == image.size and out.getextrema() == ((0, 0), (0, 0), (0, 0))
     assert AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5)(image).getpixel((0, 0)) != (0, 0, 0)
+
+
+def test_holdout_split_is_seeded_disjoint_and_readable_by_timm(cifar_tiny, tmp_path):
+    from timm.data import create_dataset
+    main = cli_main
+    assert main(['holdout', '--data-dir', str(cifar_tiny), '--output', str(tmp_path / 'a'), '--per-class', '3']) == 0
+    assert main(['holdout', '--data-dir', str(cifar_tiny), '--output', str(tmp_path / 'b'), '--per-class', '3']) == 0
+    assert main(['holdout', '--data-dir', str(cifar_tiny), '--output', str(tmp_path / 'c'), '--per-class', '3',
+                 '--seed', '1']) == 0
+
+    def names(root, split):
+        return sorted(str(p.relative_to(root / split)) for p in (root / split).rglob('*.jpg'))
+    original = sorted(str(p.relative_to(cifar_tiny / 'train')) for p in (cifar_tiny / 'train').rglob('*.jpg'))
+    a, b, c = tmp_path / 'a', tmp_path / 'b', tmp_path / 'c'
+    assert len(names(a, 'holdout')) == 30 and not set(names(a, 'holdout')) & set(names(a, 'train'))
+    assert sorted(names(a, 'holdout') + names(a, 'train')) == original
+    assert names(a, 'holdout') == names(b, 'holdout') != names(c, 'holdout')
+    link = next((a / 'holdout').rglob('*.jpg'))
+    assert link.is_symlink() and link.resolve().parent.parent == (cifar_tiny / 'train').resolve()
+    assert len(create_dataset('', root=str(a / 'holdout'), split='holdout')) == 30
+    with pytest.raises(UserInputError, match='already exists'):
+        make_holdout(str(cifar_tiny), str(a), per_class=3)
+    with pytest.raises(UserInputError, match='not more than --per-class 40'):
+        make_holdout(str(cifar_tiny), str(tmp_path / 'd'), per_class=40)
+    assert not (tmp_path / 'd').exists() and not list(tmp_path.glob('.d.*'))
