@@ -48,16 +48,22 @@ def evaluate(model, loader, device=torch.device('cpu'), amp_autocast=nullcontext
     return metrics
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='aft-vit eval', description=__doc__.split('\n\n')[0])
+def add_model_source_args(parser: argparse.ArgumentParser, verb: str) -> None:
+    """--model / --checkpoint / --pretrained / --use-ema / --num-classes: the arguments of :func:`load_model`,
+    shared by the commands that take a model with its weights."""
     parser.add_argument('--model', default=None, help='registry name[.tag], hf-hub:ORG/NAME or local-dir:PATH')
-    parser.add_argument('--checkpoint', default='', help='weights to evaluate (a training checkpoint or state dict)')
+    parser.add_argument('--checkpoint', default='', help=f'weights to {verb} (a training checkpoint or state dict)')
     parser.add_argument('--pretrained', action='store_true', help="the model's published weights (what --model "
                         'loads without --checkpoint; as in timm validate.py / inference.py)')
     parser.add_argument('--use-ema', action='store_true', help="use the checkpoint's EMA weights")
+    parser.add_argument('--num-classes', type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='aft-vit eval', description=__doc__.split('\n\n')[0])
+    add_model_source_args(parser, 'evaluate')
     parser.add_argument('--data-dir', required=True, help='ImageFolder root')
     parser.add_argument('--split', default='validation', help="split folder ('val' or 'test' are found too)")
-    parser.add_argument('--num-classes', type=int, default=None)
     parser.add_argument('--model-kwargs', nargs='*', default=None, action=ParseKwargs)
     parser.add_argument('--img-size', type=int, default=None)
     parser.add_argument('--in-chans', type=int, default=None)

@@ -117,12 +117,7 @@ def export(args: argparse.Namespace) -> Dict[str, object]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='aft-vit export', description=__doc__.split('\n\n')[0])
-    parser.add_argument('--model', default=None, help='registry name[.tag], hf-hub:ORG/NAME or local-dir:PATH')
-    parser.add_argument('--checkpoint', default='', help='weights to export (a training checkpoint or state dict)')
-    parser.add_argument('--pretrained', action='store_true', help="the model's published weights (the default "
-                        'without --checkpoint; accepted for timm inference.py compatibility)')
-    parser.add_argument('--use-ema', action='store_true', help="use the checkpoint's EMA weights")
-    parser.add_argument('--num-classes', type=int, default=None)
+    evaluate.add_model_source_args(parser, 'export')
     parser.add_argument('--output', required=True, help='ONNX file to write')
     parser.add_argument('--image', default=None, help='photo to check the file on (default: skimage\'s chelsea)')
     parser.add_argument('--atol', type=float, default=1e-4, help='largest accepted |onnxruntime - PyTorch|')

@@ -9,12 +9,11 @@ at the end.
 import argparse
 import os
 import random
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .checkpoint import atomic_folder
 from .data import check_image_folder, image_files, resolve_split_dir
 from .errors import UserInputError
 
@@ -35,9 +34,7 @@ def make_holdout(data_dir: str, output: str, per_class: int, seed: int = 0, trai
     if out.exists() and not force:
         raise UserInputError(f'{out} already exists; pass --force to replace it')
     counts = {'train': 0, 'holdout': 0}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         for name in classes:
             files = image_files(train_dir / name)
             if len(files) <= per_class:
@@ -49,12 +46,6 @@ def make_holdout(data_dir: str, output: str, per_class: int, seed: int = 0, trai
                     link.parent.mkdir(parents=True, exist_ok=True)
                     os.symlink(file.resolve(), link)
                 counts[split] += len(chosen)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return counts
 
 

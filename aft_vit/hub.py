@@ -10,9 +10,7 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -22,7 +20,7 @@ from timm.models import save_for_hf
 
 import aft_vit
 from . import evaluate
-from .checkpoint import command_history, has_ema, load_checkpoint_file
+from .checkpoint import atomic_folder, command_history, has_ema, load_checkpoint_file
 from .errors import UserInputError
 from .labels import imagenet_descriptions
 
@@ -170,18 +168,10 @@ def publish(args: argparse.Namespace) -> Path:
                            progress=False)
     weights = (f"{'the EMA weights' if ema_used else 'the trained weights'} of `{Path(args.checkpoint).name}` "
                f"(epoch {checkpoint.get('epoch')})")
-    out_root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{name}.', dir=out_root))
-    try:
+    with atomic_folder(final) as tmp:
         sha = save_hub_files(model.cpu(), tmp, args.tag, checkpoint.get('label_names'), results['data_config'])
         card = _model_card(name, model, results, checkpoint.get('args') or {}, args, weights, sha)
         (tmp / 'README.md').write_text(card, encoding='utf-8')
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _write_sums(out_root, name, sha)
     print(f'{final}: top-1 {results["top1"]:.2f} on {results["images"]} {Path(results["split"]).name} images, '
           f'sha256 {sha}')

@@ -26,14 +26,9 @@ from . import evaluate
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='aft-vit predict', description=__doc__.split('\n\n')[0])
     parser.add_argument('images', nargs='+', help='image files')
-    parser.add_argument('--model', default=None, help='registry name[.tag], hf-hub:ORG/NAME or local-dir:PATH')
-    parser.add_argument('--checkpoint', default='', help='weights (a training checkpoint or state dict)')
-    parser.add_argument('--pretrained', action='store_true', help="the model's published weights (what --model "
-                        'loads without --checkpoint; as in timm validate.py / inference.py)')
-    parser.add_argument('--use-ema', action='store_true')
+    evaluate.add_model_source_args(parser, 'predict with')
     parser.add_argument('--class-dir', default='', help='folder whose sub-folders name the classes, in sorted order')
     parser.add_argument('--topk', type=int, default=5)
-    parser.add_argument('--num-classes', type=int, default=None)
     parser.add_argument('--json', action='store_true', help='print JSON instead of text')
     return parser
 
