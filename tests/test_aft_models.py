@@ -18,7 +18,7 @@ PAPER_PARAMS = {
     'aft_conv_base_k25': 79.7,
 }
 IMAGENET_MODELS = sorted(PAPER_PARAMS) + ['aft_simple_tiny', 'aft_simple_small', 'aft_local_tiny', 'aft_local_small']
-SMALL_IMAGE_MODELS = {'aft_conv_tiny_patch4_32': 'cifar10'}  # architecture -> its default (published) tag
+SMALL_IMAGE_MODELS = {'aft_conv_tiny_patch4_32': 'cifar10', 'aft_conv_tiny_stem4_32': 'untrained'}  # -> default tag
 ALL_MODELS = IMAGENET_MODELS + sorted(SMALL_IMAGE_MODELS)
 TOKEN_MODELS = ['aft_full_tiny', 'aft_local_tiny', 'aft_simple_tiny']
 SMALL = dict(depth=2)  # architecture kept, fewer blocks: fast tests
@@ -40,7 +40,7 @@ def test_registry_holds_every_model_and_no_default_claims_weights():
     for name in ALL_MODELS:
         cfg = timm.get_pretrained_cfg(name)
         if name in SMALL_IMAGE_MODELS:
-            assert cfg.tag == SMALL_IMAGE_MODELS[name] and cfg.has_weights
+            assert cfg.tag == SMALL_IMAGE_MODELS[name] and bool(cfg.has_weights) == (cfg.tag != 'untrained')
         else:
             assert cfg.tag == 'untrained' and not cfg.has_weights
         assert cfg.paper_ids == 'arXiv:2105.14103' and cfg.license and cfg.mean and cfg.std and cfg.crop_pct
@@ -55,6 +55,17 @@ def test_parameter_counts_match_paper(name):
     millions = sum(p.numel() for p in model.parameters()) / 1e6
     tolerance = 0.25 if name == 'aft_conv_base_k25' else 0.1
     assert abs(millions - PAPER_PARAMS[name]) <= tolerance, f'{name}: {millions:.3f}M vs paper {PAPER_PARAMS[name]}M'
+
+
+def test_conv_stem_keeps_the_patch_grid():
+    """The conv stem variant makes the same tokens as 4 px patches (8 x 8 at 32 px), at any multiple of 4."""
+    stem = timm.create_model('aft_conv_tiny_stem4_32', depth=1).eval()
+    patch = timm.create_model('aft_conv_tiny_patch4_32', depth=1).eval()
+    for size in ((32, 32), (48, 64)):
+        x = torch.randn(2, 3, *size)
+        assert stem.forward_features(x).shape == patch.forward_features(x).shape == (2, size[0] * size[1] // 16, 192)
+    with pytest.raises(ValueError, match='pass patch_size=4'):
+        timm.create_model('aft_conv_tiny_stem4_32', patch_size=8)
 
 
 def test_create_model_arguments():

@@ -44,7 +44,7 @@ by Ross Wightman.
 """
 import logging
 import math
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
 import torch.nn as nn
@@ -53,6 +53,7 @@ from torch.jit import Final
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import (
     DropPath,
+    HybridEmbed,
     LayerNorm,
     LayerScale,
     Mlp,
@@ -64,6 +65,7 @@ from timm.layers import (
     register_notrace_function,
     resample_abs_pos_embed,
     resample_patch_embed,
+    to_2tuple,
     trunc_normal_,
 )
 from timm.layers.pool1d import global_pool_nlc
@@ -72,6 +74,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, named_apply
 from timm.models._input import get_pretrained_grid_size, update_model_args, update_model_input_size
 from timm.models.vision_transformer import get_init_weights_vit
+from timm.models.vision_transformer_hybrid import ConvStem
 
 from aft_vit.checkpoint import check_weights_fit, explain_pretrained_errors
 from aft_vit.labels import imagenet_descriptions
@@ -110,6 +113,32 @@ def check_image_input(
         raise ValueError(
             f'input size {height}x{width} is not a multiple of the patch size {patch_size[0]}x{patch_size[1]}; '
             'resize or crop the image, or create the model with dynamic_img_pad=True')
+
+
+def conv_stem_embed(
+        img_size: Union[int, Tuple[int, int]],
+        patch_size: Union[int, Tuple[int, int]],
+        in_chans: int,
+        embed_dim: int,
+        stem_channels: Sequence[int],
+        **embed_args,
+) -> HybridEmbed:
+    """A small convolutional stem in place of the patchify convolution, as timm's hybrid ViTs build theirs
+    (``ConvStem`` in a ``HybridEmbed``): one 3x3 stride-2 conv-BN-ReLU layer per entry of ``stem_channels``, then
+    a 1x1 convolution to ``embed_dim``. Its total stride is ``patch_size``, so the tokens are the patches'."""
+    img_size, patch_size = to_2tuple(img_size), to_2tuple(patch_size)
+    depth, stride = len(stem_channels), 2 ** len(stem_channels)
+    if patch_size != (stride, stride):
+        raise ValueError(f'a conv stem of {depth} stride-2 layers (stem_channels={tuple(stem_channels)}) has a stride '
+                         f'of {stride}, but patch_size={patch_size}: pass patch_size={stride}, or one stem channel '
+                         'count per halving of the patch size')
+    dd = {k: embed_args.pop(k) for k in ('device', 'dtype') if k in embed_args}
+    stem = ConvStem(in_chans, depth=depth + 1, channels=(*stem_channels, embed_dim), kernel_size=(3,) * depth + (1,),
+                    stride=(2,) * depth + (1,), **dd)
+    stem.num_features = embed_dim  # the width HybridEmbed reads when it is not told the feature size by a probe
+    feature_size = (img_size[0] // stride, img_size[1] // stride)
+    return HybridEmbed(stem, img_size=img_size, patch_size=1, feature_size=feature_size, feature_ratio=stride,
+                       in_chans=in_chans, embed_dim=embed_dim, proj=False, **embed_args, **dd)
 
 
 def _token_layout(mixer_cls: type, class_token: Optional[bool], pos_embed: Optional[str], global_pool: Optional[str]
@@ -174,7 +203,9 @@ class AftVisionTransformer(nn.Module):
 
     Args:
         img_size: Input image size (the nominal size for AFT-conv, which takes any multiple of the patch).
-        patch_size: Patch size.
+        patch_size: Patch size (the stride from pixels to tokens).
+        stem_channels: A conv stem in place of the patchify convolution (:func:`conv_stem_embed`): the widths of
+            its stride-2 3x3 layers, one per halving of ``patch_size``. None: the paper's patchify convolution.
         in_chans: Number of image input channels.
         num_classes: Number of classes for classification head (0 for none).
         global_pool: 'token', 'avg', 'avgmax', 'max' or '' (none); default 'token' with a class token, else 'avg'.
@@ -208,6 +239,7 @@ class AftVisionTransformer(nn.Module):
             self,
             img_size: Union[int, Tuple[int, int]] = 224,
             patch_size: Union[int, Tuple[int, int]] = 16,
+            stem_channels: Optional[Sequence[int]] = None,
             in_chans: int = 3,
             num_classes: int = 1000,
             global_pool: Optional[str] = None,
@@ -255,7 +287,7 @@ class AftVisionTransformer(nn.Module):
         self.grad_checkpointing = False
 
         self._init_embeddings(img_size, patch_size, in_chans, embed_dim, dynamic_img_pad, class_token, pos_embed,
-                              pos_drop_rate, dd)
+                              pos_drop_rate, stem_channels, dd)
         grid_size = self.patch_embed.grid_size
         reduction = self.patch_embed.feat_ratio()
 
@@ -286,18 +318,18 @@ class AftVisionTransformer(nn.Module):
             self.init_weights(needs_reset=False)
 
     def _init_embeddings(self, img_size, patch_size, in_chans: int, embed_dim: int, dynamic_img_pad: bool,
-                         class_token: bool, pos_embed: str, pos_drop_rate: float, dd: Dict[str, Any]) -> None:
-        """The patch embedding (NHWC out when the input size is dynamic), class token and position embedding."""
+                         class_token: bool, pos_embed: str, pos_drop_rate: float,
+                         stem_channels: Optional[Sequence[int]], dd: Dict[str, Any]) -> None:
+        """The patch embedding (or conv stem; NHWC out when the input size is dynamic), class token and position
+        embedding."""
         embed_args = dict(strict_img_size=False, output_fmt='NHWC') if self.dynamic_img_size else {}
-        self.patch_embed = PatchEmbed(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            dynamic_img_pad=dynamic_img_pad,
-            **embed_args,
-            **dd,
-        )
+        if stem_channels:
+            self.patch_embed = conv_stem_embed(img_size, patch_size, in_chans, embed_dim, stem_channels,
+                                               dynamic_img_pad=dynamic_img_pad, **embed_args, **dd)
+        else:
+            self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                          embed_dim=embed_dim, dynamic_img_pad=dynamic_img_pad, **embed_args, **dd)
+        self.input_stride = self.patch_embed.feat_ratio(as_scalar=False)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.empty(1, 1, embed_dim, **dd)) if class_token else None
         if pos_embed == 'learn':
@@ -361,6 +393,7 @@ class AftVisionTransformer(nn.Module):
         """Change the nominal input size (and patch size), resampling pos_embed and the AFT bias factors."""
         prev_grid_size = self.patch_embed.grid_size
         self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
+        self.input_stride = self.patch_embed.feat_ratio(as_scalar=False)
         new_grid_size = self.patch_embed.grid_size
         if self.pos_embed is not None and new_grid_size != prev_grid_size:
             self.pos_embed = nn.Parameter(resample_abs_pos_embed(
@@ -380,7 +413,7 @@ class AftVisionTransformer(nn.Module):
             x,
             self.in_chans,
             self.patch_embed.img_size,
-            self.patch_embed.patch_size,
+            self.input_stride,
             not self.dynamic_img_size,
             self.patch_embed.dynamic_img_pad,
         )
@@ -610,6 +643,9 @@ default_cfgs = generate_default_cfgs({
         hf_hub_id='aft-vit/aft_conv_tiny_patch4_32.cifar10', num_classes=10, input_size=(3, 32, 32), crop_pct=1.0,
         mean=CIFAR10_MEAN, std=CIFAR10_STD, label_names=CIFAR10_CLASSES,
         description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px (2-core CPU budget).'),
+    'aft_conv_tiny_stem4_32.untrained': _conv_cfg(
+        num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+        first_conv='patch_embed.backbone.0.conv'),
     'aft_conv_tiny_h192.untrained': _conv_cfg(),
     'aft_conv_small.untrained': _conv_cfg(),
     'aft_conv_small_h384.untrained': _conv_cfg(),
@@ -648,6 +684,16 @@ def aft_conv_tiny_patch4_32(pretrained: bool = False, **kwargs) -> AftVisionTran
     """AFT-conv tiny for 32 px images (CIFAR): 4 px patches, an 8 x 8 grid. Not in the paper's tables."""
     model_args = dict(img_size=32, patch_size=4, embed_dim=192, depth=12, mixer='conv', num_heads=32, kernel_size=11)
     return _create_aft_vit('aft_conv_tiny_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def aft_conv_tiny_stem4_32(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
+    """aft_conv_tiny_patch4_32 with a conv stem (two 3x3 stride-2 conv-BN-ReLU layers, 48 and 96 wide, and a 1x1
+    projection) in place of the 4 px patchify: the same 8 x 8 tokens. Not in the paper (small-data tokenizers as in
+    CCT); kept only if it wins on CIFAR-10 at equal wall time (results/cifar10/study.md)."""
+    model_args = dict(img_size=32, patch_size=4, stem_channels=(48, 96), embed_dim=192, depth=12, mixer='conv',
+                      num_heads=32, kernel_size=11)
+    return _create_aft_vit('aft_conv_tiny_stem4_32', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
