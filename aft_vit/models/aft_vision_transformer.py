@@ -288,11 +288,10 @@ class AftVisionTransformer(nn.Module):
 
         self._init_embeddings(img_size, patch_size, in_chans, embed_dim, dynamic_img_pad, class_token, pos_embed,
                               pos_drop_rate, stem_channels, dd)
-        grid_size = self.patch_embed.grid_size
         reduction = self.patch_embed.feat_ratio()
 
         mixer_layer = mixer_cls.layer(MixerArgs(
-            grid_size=grid_size,
+            grid_size=self.patch_embed.grid_size,
             num_prefix_tokens=self.num_prefix_tokens,
             num_heads=num_heads,
             kernel_size=kernel_size,
