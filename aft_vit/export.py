@@ -10,9 +10,7 @@ PyTorch. The file is written next to its destination and moved there only once i
 Needs the ``onnx`` extra (``pip install 'aft-vit[onnx]'``: onnx, onnxscript, onnxruntime).
 """
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -23,6 +21,7 @@ from PIL import Image
 from timm.data import create_transform
 
 from . import evaluate
+from .checkpoint import atomic_file
 from .errors import UserInputError
 
 
@@ -69,13 +68,13 @@ def check_onnx(path: Path, model: torch.nn.Module, inputs: Sequence[torch.Tensor
     return results
 
 
-def check_inputs(photo: torch.Tensor, dynamic_hw: bool, patch: int) -> List[torch.Tensor]:
+def check_inputs(photo: torch.Tensor, dynamic_hw: bool, stride: int) -> List[torch.Tensor]:
     """The photo at batch 1 and 3 (two more crops of it, flipped and shifted), and with a dynamic size also at
-    about 1.25x its height and 1x its width, rounded to the patch size."""
+    about 1.25x its height and 1x its width, rounded to the model's stride."""
     batch3 = torch.stack([photo, photo.flip(-1), photo.roll(7, dims=-2)])
     inputs = [photo.unsqueeze(0), batch3]
     if dynamic_hw:
-        height = max(patch, round(photo.shape[-2] * 1.25 / patch) * patch)
+        height = max(stride, round(photo.shape[-2] * 1.25 / stride) * stride)
         resized = torch.nn.functional.interpolate(batch3, size=(height, photo.shape[-1]), mode='bilinear')
         inputs += [resized[:1], resized]
     return inputs
@@ -94,23 +93,16 @@ def export(args: argparse.Namespace) -> Dict[str, object]:
     transform = create_transform(**loaded.data_config())
     photo = transform(_photo(args.image))
     dynamic_hw = spatially_dynamic(model)
-    patch = model.patch_embed.patch_size[0] if hasattr(model, 'patch_embed') else 1
+    stride = getattr(model, 'input_stride', (1, 1))[0]  # pixels per token (patch size, or a conv stem's stride)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{out.name}.', suffix='.onnx', dir=out.parent)
-    os.close(fd)
-    try:
-        export_onnx(model, photo.unsqueeze(0).repeat(2, 1, 1, 1), Path(tmp), dynamic_hw)
-        differences = check_onnx(Path(tmp), model, check_inputs(photo, dynamic_hw, patch))
+    with atomic_file(out) as tmp:
+        export_onnx(model, photo.unsqueeze(0).repeat(2, 1, 1, 1), tmp, dynamic_hw)
+        differences = check_onnx(tmp, model, check_inputs(photo, dynamic_hw, stride))
         worst = max(d for _, d in differences)
         if worst > args.atol:
             raise UserInputError(f'the exported file differs from PyTorch by up to {worst:.3g} (> --atol {args.atol}): '
                                  + ', '.join(f'{tuple(s)}: {d:.3g}' for s, d in differences))
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return dict(model=loaded.name, output=str(out), dynamic=['batch'] + (['height', 'width'] if dynamic_hw else []),
                 differences=differences)
 
