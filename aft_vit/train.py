@@ -84,7 +84,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
     g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, help='torch.compile backend')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    g.add_argument('--amp', action='store_true', help='mixed precision (autocast)')
+    g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False,
+                   help='mixed precision (autocast); --no-amp overrides a recipe\'s amp: true')
     g.add_argument('--amp-dtype', default='bfloat16', choices=('float16', 'bfloat16'))
     g.add_argument('--device-modules', nargs='+', default=None, help='modules to import before building the model')
 
