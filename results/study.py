@@ -2,7 +2,8 @@
 part of the training split (``aft-vit holdout``), never on the test split; then write the table.
 
 A study is a YAML file (``results/cifar10/study.yaml``): the data, the budget in epochs, and rows, each a name, a
-recipe (``config``) and extra ``aft-vit train`` arguments. Each row trains in ``output/<study>/<row>/``; a row
+recipe (``config``), extra ``aft-vit train`` arguments, optionally the ``base`` row it changes one thing of (the
+table gives the difference) and ``ema: true`` (its EMA weights are the ones measured). Each row trains in ``output/<study>/<row>/``; a row
 that was stopped continues with ``--resume`` (exact), a finished row is skipped. Its ``summary.csv``,
 ``args.yaml`` and wall time are copied to ``results/<study>/<row>/``, and the table, with the processor it ran
 on, is written to ``results/<study>/study.md``.
@@ -70,20 +71,24 @@ def table(study: Dict[str, Any], rows: List[Dict[str, Any]], results: Path) -> s
              f'held-out images), top-1 on its `{study["val_split"]}` split, the final epoch, EMA where the row uses '
              'it. Written by `python results/study.py`; each row\'s summary.csv, args.yaml and wall.json (wall time '
              'and processor of every session) are in its folder.', '',
-             '| row | what changes | holdout top-1 | train img/s | wall time (min) | processor |',
-             '| --- | --- | --- | --- | --- | --- |']
+             '| row | what changes | holdout top-1 | vs base row | train img/s | wall time (min) | processor |',
+             '| --- | --- | --- | --- | --- | --- | --- |']
+    tops: Dict[str, float] = {}
     for row in rows:
         summary = _summary(results / row['name'])
         if len(summary) < study['epochs']:
-            lines.append(f'| {row["name"]} | {row["what"]} | (not run yet: {len(summary)} epochs) | | | |')
+            lines.append(f'| {row["name"]} | {row["what"]} | (not run yet: {len(summary)} epochs) | | | | |')
             continue
         last = summary[-1]
-        top1 = max(last.get('eval_top1', 0.), last.get('ema_eval_top1', 0.)) if row.get('ema') else last['eval_top1']
+        top1 = last['eval_ema_top1'] if row.get('ema') else last['eval_top1']
+        tops[row['name']] = top1
+        change = f'{top1 - tops[row["base"]]:+.2f}' if row.get('base') in tops else ''
         rate = sum(r['train_img_per_sec'] for r in summary) / len(summary)
         sessions = json.loads((results / row['name'] / 'wall.json').read_text())
         minutes = sum(s['seconds'] for s in sessions) / 60
         machines = ', '.join(sorted({s['machine'] for s in sessions}))
-        lines.append(f'| {row["name"]} | {row["what"]} | {top1:.2f} | {rate:.1f} | {minutes:.1f} | {machines} |')
+        lines.append(f'| {row["name"]} | {row["what"]} | {top1:.2f} | {change} {row.get("base", "")} | {rate:.1f} | '
+                     f'{minutes:.1f} | {machines} |')
     return '\n'.join(lines) + '\n'
 
 
