@@ -42,13 +42,32 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _model_card(name: str, model, results: Dict[str, Any], trained_with: Dict[str, Any], args, weights: str,
+def _training_time(wall_seconds: Optional[float]) -> str:
+    if not wall_seconds:
+        return 'Wall time: not recorded in the checkpoint (trained before aft_vit recorded it).'
+    hours, rest = divmod(round(wall_seconds), 3600)
+    minutes, seconds = divmod(rest, 60)
+    took = f'{hours} h {minutes:02d} min' if hours else f'{minutes} min {seconds:02d} s'
+    return f'Wall time: {took} of training and per-epoch evaluation, summed over the epochs of every run below.'
+
+
+def _commands_with_machines(trained_with: Dict[str, Any]) -> str:
+    """The training commands in order, each after a comment naming the machine it ran on (when recorded)."""
+    history = command_history(trained_with) or ['(not recorded in the checkpoint)']
+    machines = list(trained_with.get('machine_history') or [])
+    if len(machines) != len(history):
+        return '\n'.join(history)
+    return '\n'.join(f'# on {machine}\n{command}' for machine, command in zip(machines, history))
+
+
+def _model_card(name: str, model, results: Dict[str, Any], checkpoint: Dict[str, Any], args, weights: str,
                 sha: str) -> str:
     params = sum(p.numel() for p in model.parameters()) / 1e6
     size = results['data_config']['input_size']
     split = Path(results['split']).name
+    trained_with = checkpoint.get('args') or {}
     history = command_history(trained_with) or ['(not recorded in the checkpoint)']
-    command = '\n'.join(history)
+    command = _commands_with_machines(trained_with)
     resumed = (f'Trained in {len(history)} runs, each resuming from the previous one\'s checkpoint (`--resume`):\n\n'
                if len(history) > 1 else '')
     recipe = trained_with.get('config') or '(command-line arguments only)'
@@ -90,6 +109,8 @@ Weights: {weights}; `model.safetensors` sha256 `{sha}`.
 ## Training command
 
 Recipe: `{recipe}`
+
+{_training_time(checkpoint.get('wall_seconds'))}
 
 {resumed}```bash
 {command}
@@ -170,7 +191,7 @@ def publish(args: argparse.Namespace) -> Path:
                f"(epoch {checkpoint.get('epoch')})")
     with atomic_folder(final) as tmp:
         sha = save_hub_files(model.cpu(), tmp, args.tag, checkpoint.get('label_names'), results['data_config'])
-        card = _model_card(name, model, results, checkpoint.get('args') or {}, args, weights, sha)
+        card = _model_card(name, model, results, checkpoint, args, weights, sha)
         (tmp / 'README.md').write_text(card, encoding='utf-8')
     _write_sums(out_root, name, sha)
     print(f'{final}: top-1 {results["top1"]:.2f} on {results["images"]} {Path(results["split"]).name} images, '

@@ -40,6 +40,7 @@ from timm.utils.summary import trim_summary
 
 import aft_vit  # noqa: F401  registers the aft models
 from .checkpoint import CHECKPOINT_VERSION, command_history, load_checkpoint_file, load_weights, save_atomic
+from .machine import machine_description
 from .factory import create_model_checked
 from .data import check_image_folder, resolve_split_dir
 from .errors import UserInputError
@@ -385,7 +386,8 @@ def _train_one_epoch(epoch: int, opt: _Optimization, loaders: _Loaders, args: ar
     if args.distributed:
         dist.all_reduce(totals)
     elapsed = time.perf_counter() - start
-    return dict(loss=(totals[0] / totals[1].clamp_min(1)).item(), img_per_sec=totals[1].item() / elapsed), num_updates
+    return dict(loss=(totals[0] / totals[1].clamp_min(1)).item(), img_per_sec=totals[1].item() / elapsed,
+                seconds=elapsed), num_updates
 
 
 def _plain_args(args: argparse.Namespace) -> Dict[str, Any]:
@@ -394,9 +396,10 @@ def _plain_args(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _checkpoint_state(epoch: int, opt: _Optimization, recorded_args: Dict[str, Any], metric: Optional[float],
-                      label_names: List[str]) -> Dict[str, Any]:
+                      label_names: List[str], wall_seconds: float) -> Dict[str, Any]:
     state = dict(
         epoch=epoch,
+        wall_seconds=wall_seconds,
         arch=recorded_args['model'],
         version=CHECKPOINT_VERSION,
         optimizer=opt.optimizer.state_dict(),
@@ -413,9 +416,18 @@ def _checkpoint_state(epoch: int, opt: _Optimization, recorded_args: Dict[str, A
     return state
 
 
-def _resume(args: argparse.Namespace, opt: _Optimization) -> Tuple[int, Optional[float], List[str]]:
-    """Restore a checkpoint's training state; returns the epoch to start at, the best metric so far and the
-    commands that produced the checkpoint."""
+class _Resumed(NamedTuple):
+    """Where a run starts: the epoch, the best metric so far, and the commands, machines and wall time (training
+    and evaluation, summed over epochs) that produced the checkpoint: a model card reports all of them."""
+    start_epoch: int = 0
+    best_metric: Optional[float] = None
+    commands: List[str] = []
+    machines: List[str] = []
+    wall_seconds: float = 0.
+
+
+def _resume(args: argparse.Namespace, opt: _Optimization) -> _Resumed:
+    """Restore a checkpoint's training state."""
     checkpoint = load_checkpoint_file(args.resume, args.model)
     if 'state_dict' not in checkpoint:
         raise UserInputError(f'{args.resume} holds no training state (no state_dict): use --initial-checkpoint')
@@ -432,7 +444,9 @@ def _resume(args: argparse.Namespace, opt: _Optimization) -> Tuple[int, Optional
         if opt.loss_scaler is not None and opt.loss_scaler.state_dict_key in checkpoint:
             opt.loss_scaler.load_state_dict(checkpoint[opt.loss_scaler.state_dict_key])
     start_epoch = checkpoint.get('epoch', -1) + (1 if checkpoint.get('version', 1) > 1 else 0)
-    return start_epoch, checkpoint.get('metric'), command_history(checkpoint.get('args') or {})
+    trained_with = checkpoint.get('args') or {}
+    return _Resumed(start_epoch, checkpoint.get('metric'), command_history(trained_with),
+                    list(trained_with.get('machine_history') or []), float(checkpoint.get('wall_seconds') or 0.))
 
 
 def _output_dir(args: argparse.Namespace, input_size: Sequence[int], start_epoch: int) -> Path:
@@ -451,22 +465,24 @@ def _evaluate_epoch(opt: _Optimization, eval_model: torch.nn.Module, loaders: _L
     """Metrics of the model (and its EMA, as ``ema_*``) on the eval split; empty without one."""
     if loaders.eval is None:
         return {}
+    start = time.perf_counter()
     kwargs = dict(device=device, amp_autocast=opt.amp_autocast, distributed=args.distributed)
     metrics = evaluate(eval_model, loaders.eval, progress=progress, **kwargs)
     if opt.task.has_ema():
         ema_metrics = evaluate(opt.task.get_eval_model(ema=True), loaders.eval, **kwargs)
         metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
+    metrics['seconds'] = time.perf_counter() - start
     return metrics
 
 
 def _save_epoch(output_dir: Path, epoch: int, opt: _Optimization, recorded_args: Dict[str, Any],
                 train_metrics: Dict[str, float], eval_metrics: Dict[str, float], metric: Optional[float],
-                improved: bool, label_names: List[str]) -> None:
+                improved: bool, label_names: List[str], wall_seconds: float) -> None:
     """summary.csv row, then last.pth.tar (and model_best.pth.tar), then one log line."""
     # the summary row first: a kill before the checkpoint makes resume redo this epoch and trim the row
     update_summary(epoch, train_metrics, eval_metrics, str(output_dir / 'summary.csv'),
                    lr=opt.optimizer.param_groups[0]['lr'])
-    state = _checkpoint_state(epoch, opt, recorded_args, metric, label_names)
+    state = _checkpoint_state(epoch, opt, recorded_args, metric, label_names, wall_seconds)
     save_atomic(state, output_dir / 'last.pth.tar')
     if improved or not (output_dir / 'model_best.pth.tar').exists():
         save_atomic(state, output_dir / 'model_best.pth.tar')
@@ -495,15 +511,16 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     lr = _resolved_lr(args)
     opt = _build_optimization(args, model, loaders, lr, device)
 
-    start_epoch, best_metric, history = 0, None, []
-    if args.resume:
-        start_epoch, best_metric, history = _resume(args, opt)
-    if start_epoch > 0:  # timm's schedulers are functions of the epoch / update count: set them to where we are
-        opt.scheduler.step(start_epoch)
-        opt.scheduler.step_update(start_epoch * len(loaders.train))
-    # what checkpoints and args.yaml record: the arguments with the values derived from them filled in
+    resumed = _resume(args, opt) if args.resume else _Resumed()
+    if resumed.start_epoch > 0:  # timm's schedulers are functions of the epoch / update count: set them to where we are
+        opt.scheduler.step(resumed.start_epoch)
+        opt.scheduler.step_update(resumed.start_epoch * len(loaders.train))
+    # what checkpoints and args.yaml record: the arguments with the values derived from them filled in, and the
+    # commands (with the machine each ran on) that trained the weights
+    this_run = [args.command] if getattr(args, 'command', None) else []
     recorded_args = {**_plain_args(args), 'lr': lr, 'num_classes': num_classes,
-                     'command_history': history + ([args.command] if getattr(args, 'command', None) else [])}
+                     'command_history': resumed.commands + this_run,
+                     'machine_history': resumed.machines + [machine_description() for _ in this_run]}
 
     if args.torchcompile:
         opt.task.compile(backend=args.torchcompile)
@@ -512,13 +529,12 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
     output_dir = None
     if _is_primary(args):
-        output_dir = _output_dir(args, data_config['input_size'], start_epoch)
+        output_dir = _output_dir(args, data_config['input_size'], resumed.start_epoch)
         with open(output_dir / 'args.yaml', 'w', encoding='utf-8') as f:
             yaml.safe_dump(recorded_args, f)
         _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, '
                      f'{loaders.num_train_images} train images, lr {lr:.3g}, {opt.num_epochs} epochs -> {output_dir}')
-    metrics = _run_epochs(args, opt, loaders, device, start_epoch, best_metric, output_dir, recorded_args,
-                          label_names, progress)
+    metrics = _run_epochs(args, opt, loaders, device, resumed, output_dir, recorded_args, label_names, progress)
     if args.distributed:
         divergence = _rank_divergence(opt.task.get_trainable_module())
         if _is_primary(args):
@@ -530,14 +546,16 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _run_epochs(args: argparse.Namespace, opt: _Optimization, loaders: _Loaders, device: torch.device,
-                start_epoch: int, best_metric: Optional[float], output_dir: Optional[Path],
-                recorded_args: Dict[str, Any], label_names: List[str], progress: bool) -> Dict[str, Any]:
+                resumed: _Resumed, output_dir: Optional[Path], recorded_args: Dict[str, Any], label_names: List[str],
+                progress: bool) -> Dict[str, Any]:
     """The epoch loop: train, evaluate, step the schedule, save (primary process only)."""
     decreasing = 'loss' in args.eval_metric
     eval_model = opt.task.get_eval_model()
     metrics: Dict[str, Any] = {}
-    num_updates = start_epoch * len(loaders.train)
-    for epoch in range(start_epoch, opt.num_epochs):
+    best_metric, wall_seconds = resumed.best_metric, resumed.wall_seconds
+    num_updates = resumed.start_epoch * len(loaders.train)
+    for epoch in range(resumed.start_epoch, opt.num_epochs):
+        epoch_start = time.perf_counter()
         random_seed(args.seed + epoch, args.rank)  # every epoch's randomness is a function of (seed, epoch, rank)
         if hasattr(loaders.train.sampler, 'set_epoch'):
             loaders.train.sampler.set_epoch(epoch)
@@ -551,8 +569,9 @@ def _run_epochs(args: argparse.Namespace, opt: _Optimization, loaders: _Loaders,
             improved = metric is not None and (
                 best_metric is None or (metric < best_metric if decreasing else metric > best_metric))
             best_metric = metric if improved else best_metric
+            wall_seconds += time.perf_counter() - epoch_start
             _save_epoch(output_dir, epoch, opt, recorded_args, train_metrics, eval_metrics, metric, improved,
-                        label_names)
+                        label_names, wall_seconds)
         metrics = dict(epoch=epoch, train=train_metrics, eval=eval_metrics)
     metrics['output_dir'] = str(output_dir) if output_dir else None
     metrics['best_metric'] = best_metric

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
-import torch
 
 
 def median_seconds(fn: Callable[[], None], repeats: int, inner: int = 1) -> float:
@@ -50,24 +49,6 @@ def run_isolated(script: Path, args: Dict[str, object]) -> Dict[str, float]:
     if result.returncode != 0:
         raise RuntimeError(f'{script.name} child failed for {args}:\n{result.stderr[-2000:]}')
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def machine_description() -> str:
-    """The processor model, the vector extensions that decide its speed ratios, and the thread count."""
-    cpu, flags = 'unknown CPU', set()
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name') and cpu == 'unknown CPU':
-                cpu = line.split(':', 1)[1].strip()
-            elif line.startswith('flags') and not flags:
-                flags = set(line.split(':', 1)[1].split())
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        return f'{torch.cuda.get_device_name(0)} (torch {torch.__version__})'
-    isa = [name for flag, name in (('avx512f', 'AVX512'), ('avx512_bf16', 'AVX512-BF16'), ('amx_tile', 'AMX'))
-           if flag in flags] or ['no AVX512']
-    return f'{cpu} ({", ".join(isa)}), {torch.get_num_threads()} threads (torch {torch.__version__})'
 
 
 def markdown_table(rows: List[Dict[str, object]], columns: List[str]) -> str:

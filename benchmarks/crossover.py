@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from aft_vit.machine import machine_description
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import machine_description, markdown_table, median_seconds, update_readme  # noqa: E402
+from _measure import markdown_table, median_seconds, update_readme  # noqa: E402
 
 SIDES = (12, 14, 16, 20, 22, 24, 28)
 KERNEL = 11

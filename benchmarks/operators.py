@@ -15,11 +15,13 @@ import sys
 from pathlib import Path
 
 import torch
+
+from aft_vit.machine import machine_description
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import (  # noqa: E402
-    machine_description, markdown_table, median_seconds, peak_rss_mib, reset_peak_rss, rss_mib, run_isolated,
+    markdown_table, median_seconds, peak_rss_mib, reset_peak_rss, rss_mib, run_isolated,
     update_readme)
 
 OPERATORS = ('aft_simple', 'aft_conv2d', 'aft_local', 'aft_full', 'sdpa')

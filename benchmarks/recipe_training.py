@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from aft_vit.machine import machine_description
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import machine_description, markdown_table, update_readme  # noqa: E402
+from _measure import markdown_table, update_readme  # noqa: E402
 
 SHAPES = [('cifar10', 32, 4, 128), ('imagenette', 128, 16, 64)]
 PRECISIONS = ('bfloat16 autocast', 'float32')  # which is faster depends on the processor (AMX, AVX512-BF16, none)

@@ -21,9 +21,11 @@ from typing import Dict, List
 
 import torch
 
+from aft_vit.machine import machine_description
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import (  # noqa: E402
-    machine_description, markdown_table, median_seconds, peak_rss_mib, reset_peak_rss, rss_mib, run_isolated,
+    markdown_table, median_seconds, peak_rss_mib, reset_peak_rss, rss_mib, run_isolated,
     update_readme)
 
 PAIRS = {'aft_conv_tiny': 'deit_tiny_patch16_224', 'aft_conv_small': 'deit_small_patch16_224',

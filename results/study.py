@@ -22,9 +22,9 @@ from typing import Any, Dict, List
 
 import yaml
 
+from aft_vit.machine import machine_description
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-from _measure import machine_description  # noqa: E402
 
 
 def _summary(folder: Path) -> List[Dict[str, float]]:

@@ -3,6 +3,7 @@
 The Hub paths run against a real Hub-compatible server on 127.0.0.1 (olah, tests/hub_server.py) with an empty
 HF_HOME, so huggingface_hub's real download, cache and offline-reuse code runs.
 """
+import csv
 import json
 import os
 import re
@@ -100,6 +101,15 @@ def test_card_of_a_resumed_run_lists_every_command(checkpoint, cifar_tiny, tmp_p
     assert len(commands) == 2 and 'Trained in 2 runs' in card
     assert '--resume' not in commands[0] and '--epochs 1' in commands[0]
     assert '--resume' in commands[1] and '--epochs 2' in commands[1]
+    # each command after the machine it ran on; the wall time adds up both runs' epochs (training + evaluation)
+    lines = card.splitlines()
+    assert [lines[lines.index(c) - 1].startswith('# on ') for c in commands] == [True, True]
+    wall = torch.load(run / 'last.pth.tar', weights_only=True)['wall_seconds']
+    with open(run / 'summary.csv', newline='') as f:
+        epochs = list(csv.DictReader(f))
+    measured = sum(float(r['train_seconds']) + float(r['eval_seconds']) for r in epochs)
+    assert len(epochs) == 2 and measured <= wall <= measured * 1.1 + 1.0
+    assert 'Wall time: 0 min ' in card
 
 
 def test_publish_refuses_to_overwrite_and_leaves_nothing_half_written(published, checkpoint, cifar_tiny):
