@@ -51,10 +51,8 @@ def _training_time(wall_seconds: Optional[float]) -> str:
     return f'Wall time: {took} of training and per-epoch evaluation, summed over the epochs of every run below.'
 
 
-def _commands_with_machines(trained_with: Dict[str, Any]) -> str:
+def _commands_with_machines(history: List[str], machines: List[str]) -> str:
     """The training commands in order, each after a comment naming the machine it ran on (when recorded)."""
-    history = command_history(trained_with) or ['(not recorded in the checkpoint)']
-    machines = list(trained_with.get('machine_history') or [])
     if len(machines) != len(history):
         return '\n'.join(history)
     return '\n'.join(f'# on {machine}\n{command}' for machine, command in zip(machines, history))
@@ -67,7 +65,7 @@ def _model_card(name: str, model, results: Dict[str, Any], checkpoint: Dict[str,
     split = Path(results['split']).name
     trained_with = checkpoint.get('args') or {}
     history = command_history(trained_with) or ['(not recorded in the checkpoint)']
-    command = _commands_with_machines(trained_with)
+    command = _commands_with_machines(history, list(trained_with.get('machine_history') or []))
     resumed = (f'Trained in {len(history)} runs, each resuming from the previous one\'s checkpoint (`--resume`):\n\n'
                if len(history) > 1 else '')
     recipe = trained_with.get('config') or '(command-line arguments only)'

@@ -40,10 +40,10 @@ from timm.utils.summary import trim_summary
 
 import aft_vit  # noqa: F401  registers the aft models
 from .checkpoint import CHECKPOINT_VERSION, command_history, load_checkpoint_file, load_weights, save_atomic
-from .machine import machine_description
 from .factory import create_model_checked
 from .data import check_image_folder, resolve_split_dir
 from .errors import UserInputError
+from .machine import machine_description
 from .evaluate import evaluate
 
 _logger = logging.getLogger('aft_vit.train')
