@@ -1,23 +1,30 @@
-"""Draw the training curves of the runs under ``results/<dataset>/<model>/summary.csv`` (written by ``aft-vit train``).
+"""Draw the training curves of every run under ``results/`` (each a folder with the ``summary.csv`` that
+``aft-vit train`` writes).
 
-One column per dataset, rows for training loss and held-out top-1, one line per model, so AFT and DeiT trained
-with the same recipe sit on the same axes. A run resumed with a longer schedule (its learning rate goes up again
-after it had gone down) gets a dotted line where the new schedule began.
+Runs are grouped by the folder that holds them (``cifar10``, ``cifar10/long``, ``cifar10/matched``,
+``cifar10/study``, ...): a group is one comparison, so each gets one figure, ``<group>/training_curves.png``, with
+one line per run on shared axes. Rows: training loss, held-out top-1 (runs evaluated every epoch) and learning
+rate, so a reader sees that a schedule had one warm-up and one decay. A run evaluated only at the end (its
+``eval_<px>.json``, written by ``aft-vit eval``) gets one marker at its last epoch. A run resumed with a longer
+schedule (its learning rate goes up again after it had gone down) gets a dotted line where the new schedule
+began.
 
-    python results/plot_curves.py            # writes results/training_curves.png
+    python results/plot_curves.py            # writes results/<group>/training_curves.png for every group
 """
 import argparse
 import csv
+import json
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-ROWS = (('train_loss', 'training loss'), ('eval_top1', 'held-out top-1 (%)'))
+ROWS = (('train_loss', 'training loss'), ('eval_top1', 'top-1 (%)'), ('lr', 'learning rate'))
 
 
 def read_summary(path: Path) -> Dict[str, List[float]]:
@@ -42,50 +49,76 @@ def schedule_restarts(lr: List[float]) -> List[int]:
     return restarts
 
 
+def final_evaluation(run: Path) -> Optional[Tuple[str, float]]:
+    """The split and top-1 of the run's ``eval_<px>.json`` (the last checkpoint's evaluation), if it has one."""
+    found = sorted(run.glob('eval_*.json'))
+    if not found:
+        return None
+    measured = json.loads(found[0].read_text())
+    return Path(measured['split']).name, measured['top1']
+
+
 def find_runs(root: Path) -> Dict[str, Dict[str, Path]]:
-    """``{dataset: {model: summary.csv}}`` for every ``root/<dataset>/<model>/summary.csv``."""
+    """``{group: {run: folder}}`` for every ``summary.csv`` under ``root``; the group is the run's parent folder."""
     runs: Dict[str, Dict[str, Path]] = {}
-    for path in sorted(root.glob('*/*/summary.csv')):
-        runs.setdefault(path.parent.parent.name, {})[path.parent.name] = path
+    for path in sorted(root.rglob('summary.csv')):
+        group = path.parent.parent.relative_to(root).as_posix()
+        runs.setdefault(group, {})[path.parent.name] = path.parent
     return runs
 
 
-def plot(runs: Dict[str, Dict[str, Path]], out: Path) -> Path:
-    if not runs:
-        raise SystemExit('no results/<dataset>/<model>/summary.csv found')
-    fig, axes = plt.subplots(len(ROWS), len(runs), figsize=(4.5 * len(runs), 6.5), squeeze=False)
-    for col, (dataset, models) in enumerate(runs.items()):
-        restarted = False
-        for model, path in models.items():
-            summary = read_summary(path)
-            restarts = schedule_restarts(summary.get('lr', []))
-            restarted = restarted or bool(restarts)
-            epochs = [e + 1 for e in summary['epoch']]
-            for row, (key, label) in enumerate(ROWS):
-                ax = axes[row][col]
-                line, = ax.plot(epochs, summary[key], marker='o', label=model)
-                for epoch in restarts:
-                    ax.axvline(epoch + 0.5, color=line.get_color(), linestyle=':', alpha=0.7)
-                ax.set_ylabel(label)
-                ax.grid(alpha=0.3)
-        axes[0][col].set_title(dataset)
-        if restarted:
-            axes[-1][col].text(0.98, 0.02, 'dotted: resumed with a longer schedule', transform=axes[-1][col].transAxes,
-                               ha='right', va='bottom', fontsize=7, alpha=0.7)
-        axes[-1][col].set_xlabel('epoch')
-        axes[0][col].legend()
+def plot_group(title: str, runs: Dict[str, Path], out: Path) -> Path:
+    """One figure for the runs of a group: a column, a row per curve, a line (and colour) per run."""
+    fig, axes = plt.subplots(len(ROWS), 1, figsize=(6, 2.6 * len(ROWS)), sharex=True, squeeze=False)
+    axes = [row[0] for row in axes]
+    restarted = False
+    for name, folder in runs.items():
+        summary = read_summary(folder / 'summary.csv')
+        restarts = schedule_restarts(summary.get('lr', []))
+        restarted = restarted or bool(restarts)
+        epochs = [e + 1 for e in summary['epoch']]
+        color = None
+        for ax, (key, _) in zip(axes, ROWS):
+            if key in summary:
+                line, = ax.plot(epochs, summary[key], marker='o', markersize=3, label=name, color=color)
+                color = line.get_color()
+            for epoch in restarts:
+                ax.axvline(epoch + 0.5, color=color, linestyle=':', alpha=0.7)
+        final = final_evaluation(folder)
+        if final and 'eval_top1' not in summary:
+            split, top1 = final
+            axes[1].plot([epochs[-1]], [top1], marker='*', markersize=12, linestyle='', color=color,
+                         label=f'{name}: {top1:.2f} on {split}, last checkpoint')
+    for ax, (_, label) in zip(axes, ROWS):
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(title)
+    axes[0].legend(fontsize=7)
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend(fontsize=7)
+    if restarted:
+        axes[-1].text(0.98, 0.02, 'dotted: resumed with a longer schedule', transform=axes[-1].transAxes,
+                      ha='right', va='bottom', fontsize=7, alpha=0.7)
+    axes[-1].set_xlabel('epoch')
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--root', type=Path, default=HERE, help='folder holding <dataset>/<model>/summary.csv')
-    parser.add_argument('--out', type=Path, default=HERE / 'training_curves.png')
+    parser.add_argument('--root', type=Path, default=HERE, help='folder holding the runs (searched recursively)')
+    parser.add_argument('--out-dir', type=Path, default=None,
+                        help='where <group>/training_curves.png go (default: --root, beside the runs)')
     args = parser.parse_args()
-    print(plot(find_runs(args.root), args.out))
+    groups = find_runs(args.root)
+    if not groups:
+        raise SystemExit(f'no summary.csv found under {args.root}')
+    for group, runs in groups.items():
+        print(plot_group(group, runs, (args.out_dir or args.root) / group / 'training_curves.png'))
 
 
 if __name__ == '__main__':

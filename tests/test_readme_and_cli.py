@@ -85,8 +85,25 @@ def test_plot_marks_where_a_run_was_resumed_with_a_longer_schedule():
             assert plot_curves.schedule_restarts(lr) == restarts, (data, model)
 
 
-def test_training_curves_plot_from_the_results(tmp_path):
-    out = tmp_path / 'curves.png'
-    subprocess.run([sys.executable, str(ROOT / 'results' / 'plot_curves.py'), '--out', str(out)], check=True,
-                   capture_output=True)
+def test_training_curves_plot_every_group_of_runs_in_results(tmp_path):
+    subprocess.run([sys.executable, str(ROOT / 'results' / 'plot_curves.py'), '--out-dir', str(tmp_path)],
+                   check=True, capture_output=True)
+    groups = {p.parent.parent.relative_to(ROOT / 'results') for p in (ROOT / 'results').rglob('summary.csv')}
+    assert groups and {'cifar10', 'imagenette'} <= {g.as_posix() for g in groups}
+    for group in groups:
+        assert (tmp_path / group / 'training_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', group
+
+
+def test_a_run_evaluated_only_at_the_end_is_plotted_with_that_evaluation(tmp_path):
+    spec = importlib.util.spec_from_file_location('plot_curves', ROOT / 'results' / 'plot_curves.py')
+    plot_curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_curves)
+    run = tmp_path / 'long' / 'aft_run'
+    run.mkdir(parents=True)
+    (run / 'summary.csv').write_text('epoch,train_loss,lr\n0,2.0,1e-3\n1,1.5,1e-6\n')
+    assert plot_curves.final_evaluation(run) is None
+    (run / 'eval_32.json').write_text(json.dumps({'split': '/data/cifar10-jpg/test', 'top1': 91.25}))
+    assert plot_curves.final_evaluation(run) == ('test', 91.25)
+    assert plot_curves.find_runs(tmp_path) == {'long': {'aft_run': run}}
+    out = plot_curves.plot_group('long', {'aft_run': run}, tmp_path / 'long' / 'training_curves.png')
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
