@@ -45,6 +45,7 @@ from .data import check_image_folder, resolve_split_dir
 from .errors import UserInputError
 from .machine import machine_description
 from .evaluate import evaluate
+from .size_schedule import SizeSchedule, check_model_takes_sizes, parse_size_schedule, size_at
 
 _logger = logging.getLogger('aft_vit.train')
 
@@ -73,6 +74,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--num-classes', type=int, default=None, help='default: the number of class folders')
     g.add_argument('--gp', default=None, help='global pool type')
     g.add_argument('--img-size', type=int, default=None)
+    g.add_argument('--size-schedule', nargs='+', default=None, metavar='EPOCH:SIZE',
+                   help='progressive resizing: train at SIZE px from EPOCH on, e.g. 0:128 30:176 45:224 (the eval '
+                        'split stays at the model / --img-size input size, where the schedule should end)')
     g.add_argument('--in-chans', type=int, default=None)
     g.add_argument('--input-size', type=int, nargs=3, default=None, metavar='N')
     g.add_argument('--crop-pct', type=float, default=None)
@@ -274,6 +278,7 @@ class _Loaders(NamedTuple):
     mixup_fn: Optional[Mixup]  # mixup applied in the loop (no prefetcher)
     collate_mixup: Optional[FastCollateMixup]  # mixup applied by the prefetcher's collate
     num_train_images: int
+    train_at: Callable[[int], Any]  # the train loader at another square size (progressive resizing)
 
     @property
     def mixup_active(self) -> bool:
@@ -303,14 +308,17 @@ def _build_loaders(args: argparse.Namespace, train_dir: Path, eval_dir: Optional
     common = dict(mean=data_config['mean'], std=data_config['std'], pin_memory=args.pin_mem, device=device,
                   distributed=args.distributed, use_prefetcher=use_prefetcher, num_workers=args.workers,
                   persistent_workers=False)  # fresh workers per epoch: their RNG is reseeded with the epoch
-    loader_train = create_loader(
-        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
-        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter, auto_augment=args.aa,
-        num_aug_repeats=int(args.aug_repeats) if args.distributed else 0,
-        interpolation=(data_config['interpolation'] if args.no_aug or not args.train_interpolation
-                       else args.train_interpolation),
-        collate_fn=collate_mixup, **common)
+    def train_loader(input_size: Sequence[int]) -> Any:
+        return create_loader(  # sets dataset_train's transform for this size; only the newest loader is used
+            dataset_train, input_size=tuple(input_size), batch_size=args.batch_size, is_training=True,
+            no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
+            ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+            auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats) if args.distributed else 0,
+            interpolation=(data_config['interpolation'] if args.no_aug or not args.train_interpolation
+                           else args.train_interpolation),
+            collate_fn=collate_mixup, **common)
+
+    loader_train = train_loader(data_config['input_size'])
     if len(loader_train) == 0:
         raise UserInputError(f'{train_dir} has {len(dataset_train)} images: fewer than one batch of '
                              f'{args.batch_size} per process; lower -b')
@@ -322,7 +330,8 @@ def _build_loaders(args: argparse.Namespace, train_dir: Path, eval_dir: Optional
             dataset_eval, input_size=data_config['input_size'],
             batch_size=args.validation_batch_size or args.batch_size, is_training=False,
             interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
-    return _Loaders(loader_train, loader_eval, mixup_fn, collate_mixup, len(dataset_train))
+    return _Loaders(loader_train, loader_eval, mixup_fn, collate_mixup, len(dataset_train),
+                    lambda size: train_loader((data_config['input_size'][0], size, size)))
 
 
 class _Optimization(NamedTuple):
@@ -387,7 +396,7 @@ def _train_one_epoch(epoch: int, opt: _Optimization, loaders: _Loaders, args: ar
         dist.all_reduce(totals)
     elapsed = time.perf_counter() - start
     return dict(loss=(totals[0] / totals[1].clamp_min(1)).item(), img_per_sec=totals[1].item() / elapsed,
-                seconds=elapsed), num_updates
+                seconds=elapsed, img_size=int(images.shape[-1])), num_updates
 
 
 def _plain_args(args: argparse.Namespace) -> Dict[str, Any]:
@@ -502,11 +511,14 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     progress = _is_primary(args) and not args.no_progress
     train_dir, eval_dir, label_names = _class_folders(args)
     num_classes = args.num_classes or len(label_names)
+    size_schedule = parse_size_schedule(args.size_schedule) if args.size_schedule else None
 
     random_seed(args.seed, args.rank)
     model = _create_model(args, num_classes)
     data_config = resolve_data_config(vars(args), model=model, verbose=_is_primary(args))
     model.to(device)
+    if size_schedule:
+        check_model_takes_sizes(model, size_schedule, data_config['input_size'][0])
     loaders = _build_loaders(args, train_dir, eval_dir, data_config, num_classes, device)
     lr = _resolved_lr(args)
     opt = _build_optimization(args, model, loaders, lr, device)
@@ -534,7 +546,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
             yaml.safe_dump(recorded_args, f)
         _logger.info(f'{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, '
                      f'{loaders.num_train_images} train images, lr {lr:.3g}, {opt.num_epochs} epochs -> {output_dir}')
-    metrics = _run_epochs(args, opt, loaders, device, resumed, output_dir, recorded_args, label_names, progress)
+    metrics = _run_epochs(args, opt, loaders, device, resumed, output_dir, recorded_args, label_names, progress,
+                          size_schedule)
     if args.distributed:
         divergence = _rank_divergence(opt.task.get_trainable_module())
         if _is_primary(args):
@@ -547,21 +560,27 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _run_epochs(args: argparse.Namespace, opt: _Optimization, loaders: _Loaders, device: torch.device,
                 resumed: _Resumed, output_dir: Optional[Path], recorded_args: Dict[str, Any], label_names: List[str],
-                progress: bool) -> Dict[str, Any]:
-    """The epoch loop: train, evaluate, step the schedule, save (primary process only)."""
+                progress: bool, size_schedule: Optional[SizeSchedule] = None) -> Dict[str, Any]:
+    """The epoch loop: (resize), train, evaluate, step the schedule, save (primary process only)."""
     decreasing = 'loss' in args.eval_metric
     eval_model = opt.task.get_eval_model()
     metrics: Dict[str, Any] = {}
     best_metric, wall_seconds = resumed.best_metric, resumed.wall_seconds
     num_updates = resumed.start_epoch * len(loaders.train)
+    train_size = None  # the train loader is built at the schedule's size of the first epoch run here
     for epoch in range(resumed.start_epoch, opt.num_epochs):
         epoch_start = time.perf_counter()
         random_seed(args.seed + epoch, args.rank)  # every epoch's randomness is a function of (seed, epoch, rank)
+        if size_schedule and size_at(size_schedule, epoch) != train_size:
+            train_size = size_at(size_schedule, epoch)
+            loaders = loaders._replace(train=loaders.train_at(train_size))
         if hasattr(loaders.train.sampler, 'set_epoch'):
             loaders.train.sampler.set_epoch(epoch)
         if loaders.mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             loaders.stop_mixup()
         train_metrics, num_updates = _train_one_epoch(epoch, opt, loaders, args, device, num_updates, progress)
+        if not size_schedule:  # the size the batches had is a summary.csv column (train_img_size) only where it varies
+            train_metrics.pop('img_size')
         eval_metrics = _evaluate_epoch(opt, eval_model, loaders, args, device, progress)
         metric = eval_metrics.get(args.eval_metric, train_metrics['loss'] if decreasing else None)
         opt.scheduler.step(epoch + 1, metric)

@@ -56,6 +56,7 @@ def trained(cifar_small, tmp_path_factory):
 def test_training_lowers_loss_and_beats_chance(trained):
     rows = _summary(trained)
     assert [int(r['epoch']) for r in rows] == [0, 1, 2, 3]
+    assert 'train_img_size' not in rows[0]  # a column only with --size-schedule: older runs resume into their csv
     losses = [float(r['train_loss']) for r in rows]
     assert losses[-1] < losses[0] - 0.2, f'train loss did not go down: {losses}'
     top1 = max(float(r['eval_top1']) for r in rows)
@@ -112,9 +113,15 @@ def test_resume_after_a_kill_gives_identical_weights(cifar_tiny, tmp_path):
     """2 epochs straight == 1 epoch, killed (SIGKILL) right after its checkpoint, then --resume for the rest."""
     _aft_vit('train', '--data-dir', cifar_tiny, *RESUME_ARGS, '--output', tmp_path, '--experiment', 'straight')
 
-    run = tmp_path / 'killed'
-    cmd = [sys.executable, '-m', 'aft_vit', 'train', '--data-dir', cifar_tiny, *RESUME_ARGS, '--output', tmp_path,
-           '--experiment', 'killed']
+    run = _train_killed_after_its_first_epoch(['--data-dir', cifar_tiny, *RESUME_ARGS], tmp_path / 'killed')
+    _aft_vit('train', '--data-dir', cifar_tiny, *RESUME_ARGS, '--output', tmp_path, '--experiment', 'killed',
+             '--resume', run / 'last.pth.tar')
+    _assert_same_run(tmp_path / 'straight', run, ('state_dict', 'state_dict_ema'))
+
+
+def _train_killed_after_its_first_epoch(train_args, run: Path) -> Path:
+    """Start ``aft-vit train`` into ``run`` and kill it (SIGKILL) as soon as epoch 0's checkpoint is written."""
+    cmd = [sys.executable, '-m', 'aft_vit', 'train', *train_args, '--output', run.parent, '--experiment', run.name]
     proc = subprocess.Popen(list(map(str, cmd)), env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -124,18 +131,32 @@ def test_resume_after_a_kill_gives_identical_weights(cifar_tiny, tmp_path):
     proc.wait()
     first = torch.load(run / 'last.pth.tar', weights_only=True)  # whole, despite the kill
     assert first['epoch'] == 0, 'the kill came too late to test resuming'
-    _aft_vit('train', '--data-dir', cifar_tiny, *RESUME_ARGS, '--output', tmp_path, '--experiment', 'killed',
-             '--resume', run / 'last.pth.tar')
+    return run
 
-    straight = torch.load(tmp_path / 'straight' / 'last.pth.tar', weights_only=True)
-    resumed = torch.load(run / 'last.pth.tar', weights_only=True)
+
+def _assert_same_run(straight_run: Path, resumed_run: Path, state_keys) -> None:
+    """Two runs of 2 epochs, one resumed after epoch 0, ended with identical weights, optimizer and summary."""
+    straight = torch.load(straight_run / 'last.pth.tar', weights_only=True)
+    resumed = torch.load(resumed_run / 'last.pth.tar', weights_only=True)
     assert resumed['epoch'] == straight['epoch'] == 1
-    for key in ('state_dict', 'state_dict_ema'):
+    for key in state_keys:
         for name, tensor in straight[key].items():
             assert torch.equal(tensor, resumed[key][name]), f'{key}.{name} differs after resume'
     assert straight['optimizer']['state'].keys() == resumed['optimizer']['state'].keys()
-    assert [r['epoch'] for r in _summary(run)] == ['0', '1']
-    assert _summary(run)[1]['train_loss'] == _summary(tmp_path / 'straight')[1]['train_loss']
+    assert [r['epoch'] for r in _summary(resumed_run)] == ['0', '1']
+    assert _summary(resumed_run)[1]['train_loss'] == _summary(straight_run)[1]['train_loss']
+
+
+def test_size_schedule_trains_each_epoch_at_its_size_also_after_a_resume(cifar_tiny, tmp_path):
+    """Progressive resizing: epoch 0 at 16 px, epoch 1 at 32 px, and a run killed after epoch 0 resumes at 32 px."""
+    args = ['--data-dir', cifar_tiny, *small_model(2), '-b', 32, '--epochs', 2, '--warmup-epochs', 0, '--lr', 1e-3,
+            '--size-schedule', '0:16', '1:32', '--no-progress', '-j', 2]
+    _aft_vit('train', *args, '--output', tmp_path, '--experiment', 'straight')
+    assert [r['train_img_size'] for r in _summary(tmp_path / 'straight')] == ['16', '32']  # the batches' size
+    run = _train_killed_after_its_first_epoch(args, tmp_path / 'killed')
+    _aft_vit('train', *args, '--output', tmp_path, '--experiment', 'killed', '--resume', run / 'last.pth.tar')
+    _assert_same_run(tmp_path / 'straight', run, ('state_dict',))
+    assert [r['train_img_size'] for r in _summary(run)] == ['16', '32']
 
 
 def test_resume_with_more_epochs_extends_the_schedule(cifar_tiny, tmp_path):
@@ -230,6 +251,13 @@ def test_bad_input_gives_one_line_errors(tmp_path, cifar_tiny, capsys):
                     f'1 image(s) in {broken}/train/cat (e.g. {broken}/train/cat/photo.webp) have an extension')
     _one_line_error(capsys, ['train', '--data-dir', str(cifar_tiny), '--model', 'aft_conv_gigantic'],
                     "unknown model 'aft_conv_gigantic'")
+    _one_line_error(capsys, ['train', '--data-dir', str(cifar_tiny), *SMALL_MODEL, '--size-schedule', '5:16', '9:32'],
+                    'the first step must be at epoch 0')
+    _one_line_error(capsys, ['train', '--data-dir', str(cifar_tiny), *SMALL_MODEL, '--size-schedule', '0-16'],
+                    "step '0-16' is not EPOCH:SIZE")
+    _one_line_error(capsys, ['train', '--data-dir', str(cifar_tiny), '--model', 'vit_tiny_patch16_224', '--img-size',
+                             '32', '--model-kwargs', 'patch_size=4', '--size-schedule', '0:16', '1:32'],
+                    'the model cannot take 16x16 images')
     other = tmp_path / 'other.pth.tar'
     torch.save(dict(arch='aft_full_tiny', epoch=0, version=2, state_dict={}), other)
     _one_line_error(capsys, ['train', '--data-dir', str(cifar_tiny), *SMALL_MODEL, '--resume', str(other)],
