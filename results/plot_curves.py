@@ -71,6 +71,7 @@ def plot_group(title: str, runs: Dict[str, Path], out: Path) -> Path:
     """One figure for the runs of a group: a column, a row per curve, a line (and colour) per run."""
     fig, axes = plt.subplots(len(ROWS), 1, figsize=(6, 2.6 * len(ROWS)), sharex=True, squeeze=False)
     axes = [row[0] for row in axes]
+    top1_axis = axes[[key for key, _ in ROWS].index('eval_top1')]
     restarted = False
     for name, folder in runs.items():
         summary = read_summary(folder / 'summary.csv')
@@ -87,15 +88,15 @@ def plot_group(title: str, runs: Dict[str, Path], out: Path) -> Path:
         final = final_evaluation(folder)
         if final and 'eval_top1' not in summary:
             split, top1 = final
-            axes[1].plot([epochs[-1]], [top1], marker='*', markersize=12, linestyle='', color=color,
-                         label=f'{name}: {top1:.2f} on {split}, last checkpoint')
+            top1_axis.plot([epochs[-1]], [top1], marker='*', markersize=12, linestyle='', color=color,
+                           label=f'{name}: {top1:.2f} on {split}, last checkpoint')
     for ax, (_, label) in zip(axes, ROWS):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_title(title)
     axes[0].legend(fontsize=7)
-    if axes[1].get_legend_handles_labels()[0]:
-        axes[1].legend(fontsize=7)
+    if top1_axis.get_legend_handles_labels()[0]:
+        top1_axis.legend(fontsize=7)
     if restarted:
         axes[-1].text(0.98, 0.02, 'dotted: resumed with a longer schedule', transform=axes[-1].transAxes,
                       ha='right', va='bottom', fontsize=7, alpha=0.7)

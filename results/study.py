@@ -4,9 +4,9 @@ part of the training split (``aft-vit holdout``), never on the test split; then 
 A study is a YAML file (``results/cifar10/study.yaml``): the data, the budget in epochs, and rows, each a name, a
 recipe (``config``), extra ``aft-vit train`` arguments, optionally the ``base`` row it changes one thing of (the
 table gives the difference) and ``ema: true`` (its EMA weights are the ones measured). Each row trains in
-``output/<study>/<row>/``; a row that was stopped continues with ``--resume`` (exact), a finished row is skipped. Its ``summary.csv``,
-``args.yaml`` and wall time are copied to ``results/<study>/<row>/``, and the table, with the processor it ran
-on, is written to ``results/<study>/study.md``.
+``output/<study>/<row>/``; a row that was stopped continues with ``--resume`` (exact), a finished row is skipped.
+Its ``summary.csv``, ``args.yaml`` and wall time are copied to ``results/<study>/<row>/``, and the table, with the
+processor it ran on, is written to ``results/<study>/study.md``.
 
     python results/study.py results/cifar10/study.yaml [--rows NAME ...] [--table-only]
 """
