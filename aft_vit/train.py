@@ -359,7 +359,10 @@ def _build_optimization(args: argparse.Namespace, model: torch.nn.Module, loader
 
 
 def _train_one_epoch(epoch: int, opt: _Optimization, loaders: _Loaders, args: argparse.Namespace,
-                     device: torch.device, num_updates: int, progress: bool) -> Tuple[Dict[str, float], int]:
+                     device: torch.device, num_updates: int, progress: bool,
+                     record_size: bool = False) -> Tuple[Dict[str, float], int]:
+    """One pass over the train loader; its mean loss, rate and time, and with ``record_size`` the size its batches
+    had (a summary.csv column, ``train_img_size``, only where a size schedule makes it vary)."""
     task, optimizer, loss_scaler = opt.task, opt.optimizer, opt.loss_scaler
     model = task.get_trainable_module()
     model.train()
@@ -395,8 +398,11 @@ def _train_one_epoch(epoch: int, opt: _Optimization, loaders: _Loaders, args: ar
     if args.distributed:
         dist.all_reduce(totals)
     elapsed = time.perf_counter() - start
-    return dict(loss=(totals[0] / totals[1].clamp_min(1)).item(), img_per_sec=totals[1].item() / elapsed,
-                seconds=elapsed, img_size=int(images.shape[-1])), num_updates
+    metrics = dict(loss=(totals[0] / totals[1].clamp_min(1)).item(), img_per_sec=totals[1].item() / elapsed,
+                   seconds=elapsed)
+    if record_size:
+        metrics['img_size'] = int(images.shape[-1])
+    return metrics, num_updates
 
 
 def _plain_args(args: argparse.Namespace) -> Dict[str, Any]:
@@ -578,9 +584,8 @@ def _run_epochs(args: argparse.Namespace, opt: _Optimization, loaders: _Loaders,
             loaders.train.sampler.set_epoch(epoch)
         if loaders.mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             loaders.stop_mixup()
-        train_metrics, num_updates = _train_one_epoch(epoch, opt, loaders, args, device, num_updates, progress)
-        if not size_schedule:  # the size the batches had is a summary.csv column (train_img_size) only where it varies
-            train_metrics.pop('img_size')
+        train_metrics, num_updates = _train_one_epoch(epoch, opt, loaders, args, device, num_updates, progress,
+                                                      record_size=bool(size_schedule))
         eval_metrics = _evaluate_epoch(opt, eval_model, loaders, args, device, progress)
         metric = eval_metrics.get(args.eval_metric, train_metrics['loss'] if decreasing else None)
         opt.scheduler.step(epoch + 1, metric)

@@ -5,9 +5,9 @@ Runs are grouped by the folder that holds them (``cifar10``, ``cifar10/long``, `
 ``cifar10/study``, ...): a group is one comparison, so each gets one figure, ``<group>/training_curves.png``, with
 one line per run on shared axes. Rows: training loss, held-out top-1 (runs evaluated every epoch) and learning
 rate, so a reader sees that a schedule had one warm-up and one decay. A run evaluated only at the end (its
-``eval_<px>.json``, written by ``aft-vit eval``) gets one marker at its last epoch. A run resumed with a longer
-schedule (its learning rate goes up again after it had gone down) gets a dotted line where the new schedule
-began.
+``eval_<px>.json`` files, written by ``aft-vit eval``) gets a marker at its last epoch for each size it was
+evaluated at. A run resumed with a longer schedule (its learning rate goes up again after it had gone down) gets
+a dotted line where the new schedule began.
 
     python results/plot_curves.py            # writes results/<group>/training_curves.png for every group
 """
@@ -49,13 +49,17 @@ def schedule_restarts(lr: List[float]) -> List[int]:
     return restarts
 
 
-def final_evaluation(run: Path) -> Optional[Tuple[str, float]]:
-    """The split and top-1 of the run's ``eval_<px>.json`` (the last checkpoint's evaluation), if it has one."""
-    found = sorted(run.glob('eval_*.json'))
-    if not found:
-        return None
-    measured = json.loads(found[0].read_text())
-    return Path(measured['split']).name, measured['top1']
+def final_evaluations(run: Path) -> List[Tuple[int, str, float]]:
+    """``(px, split, top1)`` of each of the run's ``eval_<px>.json`` (its last checkpoint evaluated at px), smallest
+    px first: a run evaluated at its training size and at a larger one gets a marker for each, labelled."""
+    found = []
+    for path in run.glob('eval_*.json'):
+        px = path.stem.split('_', 1)[1]
+        if not px.isdigit():
+            raise ValueError(f'{path}: expected eval_<px>.json, as aft-vit eval names it')
+        measured = json.loads(path.read_text())
+        found.append((int(px), Path(measured['split']).name, measured['top1']))
+    return sorted(found)
 
 
 def find_runs(root: Path) -> Dict[str, Dict[str, Path]]:
@@ -85,11 +89,10 @@ def plot_group(title: str, runs: Dict[str, Path], out: Path) -> Path:
                 color = line.get_color()
             for epoch in restarts:
                 ax.axvline(epoch + 0.5, color=color, linestyle=':', alpha=0.7)
-        final = final_evaluation(folder)
-        if final and 'eval_top1' not in summary:
-            split, top1 = final
-            top1_axis.plot([epochs[-1]], [top1], marker='*', markersize=12, linestyle='', color=color,
-                           label=f'{name}: {top1:.2f} on {split}, last checkpoint')
+        if 'eval_top1' not in summary:
+            for (px, split, top1), marker in zip(final_evaluations(folder), '*Ds^v'):
+                top1_axis.plot([epochs[-1]], [top1], marker=marker, markersize=10, linestyle='', color=color,
+                               label=f'{name}: {top1:.2f} on {split} at {px} px, last checkpoint')
     for ax, (_, label) in zip(axes, ROWS):
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

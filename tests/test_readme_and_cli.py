@@ -101,9 +101,10 @@ def test_a_run_evaluated_only_at_the_end_is_plotted_with_that_evaluation(tmp_pat
     run = tmp_path / 'long' / 'aft_run'
     run.mkdir(parents=True)
     (run / 'summary.csv').write_text('epoch,train_loss,lr\n0,2.0,1e-3\n1,1.5,1e-6\n')
-    assert plot_curves.final_evaluation(run) is None
+    assert plot_curves.final_evaluations(run) == []
     (run / 'eval_32.json').write_text(json.dumps({'split': '/data/cifar10-jpg/test', 'top1': 91.25}))
-    assert plot_curves.final_evaluation(run) == ('test', 91.25)
+    (run / 'eval_128.json').write_text(json.dumps({'split': '/data/cifar10-jpg/test', 'top1': 88.5}))
+    assert plot_curves.final_evaluations(run) == [(32, 'test', 91.25), (128, 'test', 88.5)]
     assert plot_curves.find_runs(tmp_path) == {'long': {'aft_run': run}}
     out = plot_curves.plot_group('long', {'aft_run': run}, tmp_path / 'long' / 'training_curves.png')
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
