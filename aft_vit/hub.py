@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -58,11 +59,33 @@ def _commands_with_machines(history: List[str], machines: List[str]) -> str:
     return '\n'.join(f'# on {machine}\n{command}' for machine, command in zip(machines, history))
 
 
-def _model_card(name: str, model, results: Dict[str, Any], checkpoint: Dict[str, Any], args, weights: str,
-                sha: str) -> str:
+def _classes_section(label_names: Optional[Sequence[str]]) -> str:
+    """What the model knows: its classes in output order, with their WordNet descriptions where the names are
+    ImageNet WordNet ids (Imagenette's folders), so a reader need not look the ids up."""
+    if not label_names:
+        return 'Class names: not recorded in the checkpoint.'
+    descriptions = imagenet_descriptions(label_names)
+    if descriptions:
+        rows = [f'| {i} | `{name}` | {descriptions[name]} |' for i, name in enumerate(label_names)]
+        return '\n'.join(['| index | WordNet id | WordNet name |', '| --- | --- | --- |', *rows])
+    rows = [f'| {i} | {name} |' for i, name in enumerate(label_names)]
+    return '\n'.join(['| index | class |', '| --- | --- |', *rows])
+
+
+def _evaluation_rows(evaluations: Sequence[Dict[str, Any]]) -> str:
+    """One table row per evaluation: the published input size first, then any other size it was measured at."""
+    return '\n'.join(
+        f"| {Path(r['split']).name} | {r['data_config']['input_size'][-1]} px | {r['images']} | {r['top1']:.2f} | "
+        f"{r['top5']:.2f} | {r['loss']:.4f} |" for r in evaluations)
+
+
+def _model_card(name: str, model, evaluations: Sequence[Dict[str, Any]], checkpoint: Dict[str, Any], args,
+                weights: str, sha: str) -> str:
+    """The README.md of a published folder. ``evaluations``: :func:`aft_vit.evaluate.run` results, the first at
+    the published input size."""
+    results = evaluations[0]
     params = sum(p.numel() for p in model.parameters()) / 1e6
     size = results['data_config']['input_size']
-    split = Path(results['split']).name
     trained_with = checkpoint.get('args') or {}
     history = command_history(trained_with) or ['(not recorded in the checkpoint)']
     command = _commands_with_machines(history, list(trained_with.get('machine_history') or []))
@@ -98,11 +121,15 @@ Trained on **{args.dataset_name}**, nothing else (no ImageNet pre-training unles
 
 Measured by `aft-vit eval` when this folder was published (aft_vit {aft_vit.__version__}, timm {timm.__version__}):
 
-| split | images | top-1 | top-5 | loss |
-| --- | --- | --- | --- | --- |
-| {split} | {results['images']} | {results['top1']:.2f} | {results['top5']:.2f} | {results['loss']:.4f} |
+| split | input | images | top-1 | top-5 | loss |
+| --- | --- | --- | --- | --- | --- |
+{_evaluation_rows(evaluations)}
 
 Weights: {weights}; `model.safetensors` sha256 `{sha}`.
+
+## Classes
+
+{_classes_section(checkpoint.get('label_names'))}
 
 ## Training command
 
@@ -183,17 +210,22 @@ def publish(args: argparse.Namespace) -> Path:
         raise UserInputError(f'{final} already exists; pass --force to replace it')
 
     model = loaded.model.eval()
-    results = evaluate.run(loaded, args.data_dir, args.split, batch_size=args.batch_size, workers=args.workers,
-                           progress=False)
+    run = partial(evaluate.run, loaded, args.data_dir, args.split, batch_size=args.batch_size, workers=args.workers,
+                  progress=False)
+    results = run()
+    channels = results['data_config']['input_size'][0]
+    evaluations = [results, *(run(data_args=dict(input_size=(channels, px, px))) for px in args.extra_img_sizes)]
     weights = (f"{'the EMA weights' if ema_used else 'the trained weights'} of `{Path(args.checkpoint).name}` "
                f"(epoch {checkpoint.get('epoch')})")
     with atomic_folder(final) as tmp:
         sha = save_hub_files(model.cpu(), tmp, args.tag, checkpoint.get('label_names'), results['data_config'])
-        card = _model_card(name, model, results, checkpoint, args, weights, sha)
+        card = _model_card(name, model, evaluations, checkpoint, args, weights, sha)
         (tmp / 'README.md').write_text(card, encoding='utf-8')
     _write_sums(out_root, name, sha)
-    print(f'{final}: top-1 {results["top1"]:.2f} on {results["images"]} {Path(results["split"]).name} images, '
-          f'sha256 {sha}')
+    for measured in evaluations:
+        print(f'{final}: top-1 {measured["top1"]:.2f} on {measured["images"]} {Path(measured["split"]).name} images '
+              f'at {measured["data_config"]["input_size"][-1]} px')
+    print(f'{final}: sha256 {sha}')
     if args.push:
         push(final, args.repo_id)
     return final
@@ -219,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--split', default='validation', help="evaluation split ('val' or 'test' are found too)")
     parser.add_argument('--dataset-name', required=True, help='the training data, named honestly, for the model card')
     parser.add_argument('--dataset-id', required=True, help='Hub dataset id for the card metadata, e.g. cifar10')
+    parser.add_argument('--extra-img-sizes', type=int, nargs='+', default=[], metavar='PX',
+                        help='also evaluate at these sizes (e.g. the training size, where the published input size '
+                             'differs) and list them in the card; the config keeps the checkpoint\'s input size')
     parser.add_argument('--license', default='apache-2.0')
     parser.add_argument('--output', default='weights', help='parent folder of the repository folders')
     parser.add_argument('--no-ema', action='store_true', help='publish the trained weights even if EMA weights exist')

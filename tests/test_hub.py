@@ -52,7 +52,7 @@ def checkpoint(cifar_tiny, tmp_path_factory) -> Path:
 def published(checkpoint, cifar_tiny, tmp_path_factory) -> Path:
     weights = tmp_path_factory.mktemp('weights')
     _aft_vit('publish', '--checkpoint', checkpoint, '--tag', 'olahtest', '--data-dir', cifar_tiny, *PUBLISH,
-             '--output', weights)
+             '--output', weights, '--extra-img-sizes', 48)
     return weights / 'aft_conv_tiny_patch4_32.olahtest'
 
 
@@ -84,7 +84,21 @@ def test_publish_writes_timm_hub_folder(published, checkpoint, cifar_tiny, tmp_p
     _aft_vit('eval', '--checkpoint', checkpoint, '--use-ema', '--data-dir', cifar_tiny, '--split', 'test',
              '--json', tmp_path / 'e.json', '--no-progress', '-j', 0)
     top1 = json.loads((tmp_path / 'e.json').read_text())['top1']
-    assert f'| test | 100 | {top1:.2f} |' in card
+    assert f'| test | 32 px | 100 | {top1:.2f} |' in card
+    # --extra-img-sizes: a second row measured at that size; the config keeps the trained 32 px
+    _aft_vit('eval', '--checkpoint', checkpoint, '--use-ema', '--data-dir', cifar_tiny, '--split', 'test',
+             '--img-size', 48, '--json', tmp_path / 'e48.json', '--no-progress', '-j', 0)
+    top1_48 = json.loads((tmp_path / 'e48.json').read_text())['top1']
+    assert f'| test | 48 px | 100 | {top1_48:.2f} |' in card
+    # what the model knows: every class, in output order
+    assert '| index | class |' in card and all(f'| {i} | {name} |' in card for i, name in enumerate(classes))
+
+
+def test_card_names_imagenet_classes_by_their_wordnet_names():
+    from aft_vit.hub import _classes_section
+    table = _classes_section(['n01440764', 'n03888257'])
+    assert table.splitlines()[2:] == ['| 0 | `n01440764` | tench, Tinca tinca |', '| 1 | `n03888257` | parachute, chute |']
+    assert _classes_section(None) == 'Class names: not recorded in the checkpoint.'
 
 
 def test_card_of_a_resumed_run_lists_every_command(checkpoint, cifar_tiny, tmp_path):
