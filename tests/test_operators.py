@@ -4,7 +4,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from aft_vit.layers import aft_conv2d, aft_full, aft_local, aft_simple, local_window_mask_2d
+from aft_vit.layers import (
+    aft_conv2d, aft_conv2d_dense, aft_full, aft_local, aft_simple, conv_window_weights, local_window_mask_2d)
 from tests.reference import naive_aft, naive_aft_conv2d, window_1d, window_2d
 
 # (std, offset) of keys and biases: ordinary, then magnitudes of 80 and more where float32 exp overflows
@@ -67,6 +68,17 @@ def test_aft_conv2d_paths_agree_on_any_grid(height, width):
     dense = aft_conv2d(q, k, v, w, method='dense')
     torch.testing.assert_close(aft_conv2d(q, k, v, w, method='conv'), dense, **EXACT)
     torch.testing.assert_close(dense, naive_aft_conv2d(q, k, v, w), **EXACT)
+
+
+@pytest.mark.parametrize('height,width,size', [(1, 1, 5), (1, 9, 5), (9, 2, 5), (12, 13, 5), (7, 6, 15)])
+def test_compiled_inference_weights_are_the_window_weights_with_keys_reversed(height, width, size):
+    """torch.compile builds the dense weights as a strided view with the keys reversed (and flips k, v to match)."""
+    from aft_vit.layers.functional import _window_weights_keys_reversed
+    q, k, v, w = _grid(height=height, width=width, size=size, std=20.)
+    reversed_keys = _window_weights_keys_reversed(w, height, width)
+    assert torch.equal(reversed_keys.flip(1), conv_window_weights(w, height, width))
+    out = aft_conv2d_dense(q, k.flip([1, 2]), v.flip([1, 2]), reversed_keys)
+    torch.testing.assert_close(out, naive_aft_conv2d(q, k, v, w), **EXACT)
 
 
 @pytest.mark.parametrize('heads', [1, 2, 8])

@@ -285,6 +285,29 @@ def conv_window_weights(weight: torch.Tensor, height: int, width: int) -> torch.
     return table.index_select(1, index).view(num_heads, num_tokens, num_tokens)
 
 
+def _window_weights_keys_reversed(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """:func:`conv_window_weights` with the keys (rows) in reverse token order, built without a gather.
+
+    The weight of key (y', x') for query (y, x) depends on the offset alone, so all of them fit in one
+    (h, 2H - 1, 2W - 1) table of offsets. Flipped, that table read with strides (2W - 1, 1) along both the key
+    and the query grid is the matrix with its keys reversed (a Hankel view); copying the view is a strided copy
+    that torch.compile turns into one vectorized loop, where its lowering of the index table gather measured
+    ~20x slower. ``aft_conv2d_dense(q, k.flip([1, 2]), v.flip([1, 2]), these)`` equals the product with
+    :func:`conv_window_weights`. The view's backward is slow (overlapping strides): for frozen kernels only.
+    """
+    num_heads, kernel_size = weight.shape[0], weight.shape[-1]
+    radius = kernel_size // 2
+    window_kernel, outside_weight = _exp_window_weights(weight)
+    # the window centred in the offset table (negative padding crops a kernel larger than the grid)
+    pad = [width - 1 - radius, width - 1 - radius, height - 1 - radius, height - 1 - radius]
+    inside = F.pad(torch.ones_like(window_kernel[:1]), pad) > 0
+    offsets = torch.where(inside, F.pad(window_kernel, pad), outside_weight[:, None, None])  # [i, H-1+dy, W-1+dx]
+    flipped = offsets.flip([1, 2]).contiguous()
+    row = 2 * width - 1
+    hankel = flipped.as_strided([num_heads, height, width, height, width], [flipped.stride(0), row, 1, row, 1])
+    return hankel.reshape(num_heads, height * width, height * width)
+
+
 def dense_is_cheaper(num_tokens: int, kernel_size: int, num_heads: int = 1, max_weights: int = 2 ** 22) -> bool:
     """Whether AFT-conv's dense product beats its convolution path: up to 4 s^2 tokens and ``max_weights``
     (h, T, T) weights (16 MiB in float32 per block; above it the weights cost more memory, and, rebuilt every
@@ -368,6 +391,11 @@ def aft_conv2d(
         # the dense path's weights are built for one grid; an exported graph must serve any
         method = 'dense' if not exporting and dense_is_cheaper(height * width, kernel_size, num_heads) else 'conv'
     if method == 'dense':
+        if not torch.jit.is_scripting() and torch.compiler.is_compiling() and not (
+                torch.is_grad_enabled() and weight.requires_grad):
+            # compiled inference rebuilds the weights on every call: the compiler's fast form, keys reversed
+            return aft_conv2d_dense(q, k.flip([1, 2]), v.flip([1, 2]),
+                                    _window_weights_keys_reversed(weight, height, width))
         return aft_conv2d_dense(q, k, v, conv_window_weights(weight, height, width))
     needs_grad = q.requires_grad or k.requires_grad or v.requires_grad or weight.requires_grad
     if torch.is_grad_enabled() and needs_grad and not torch.jit.is_scripting():
