@@ -72,10 +72,16 @@ def _classes_section(label_names: Optional[Sequence[str]]) -> str:
     return '\n'.join(['| index | class |', '| --- | --- |', *rows])
 
 
+def _input_size(data_config: Dict[str, Any]) -> str:
+    """``224 px`` for a square input, ``160x224 px`` (height x width) otherwise."""
+    height, width = data_config['input_size'][-2:]
+    return f'{width} px' if height == width else f'{height}x{width} px'
+
+
 def _evaluation_rows(evaluations: Sequence[Dict[str, Any]]) -> str:
     """One table row per evaluation: the published input size first, then any other size it was measured at."""
     return '\n'.join(
-        f"| {Path(r['split']).name} | {r['data_config']['input_size'][-1]} px | {r['images']} | {r['top1']:.2f} | "
+        f"| {Path(r['split']).name} | {_input_size(r['data_config'])} | {r['images']} | {r['top1']:.2f} | "
         f"{r['top5']:.2f} | {r['loss']:.4f} |" for r in evaluations)
 
 
@@ -224,7 +230,7 @@ def publish(args: argparse.Namespace) -> Path:
     _write_sums(out_root, name, sha)
     for measured in evaluations:
         print(f'{final}: top-1 {measured["top1"]:.2f} on {measured["images"]} {Path(measured["split"]).name} images '
-              f'at {measured["data_config"]["input_size"][-1]} px')
+              f'at {_input_size(measured["data_config"])}')
     print(f'{final}: sha256 {sha}')
     if args.push:
         push(final, args.repo_id)
