@@ -14,7 +14,7 @@ onnxruntime = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')
 
 ATOL = 1e-4
-CIFAR = f'local-dir:{Path(__file__).resolve().parent.parent / "weights" / "aft_conv_tiny_patch4_32.cifar10"}'
+CIFAR = f'local-dir:{Path(__file__).resolve().parent.parent / "weights" / "aft_conv_tiny_stem4_32.cifar10"}'
 
 
 def _perturbed(model: torch.nn.Module) -> torch.nn.Module:

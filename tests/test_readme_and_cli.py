@@ -70,6 +70,29 @@ def test_results_table_shows_the_measured_results():
             assert len((run / 'summary.csv').read_text().strip().splitlines()) == int(epochs) + 1
 
 
+def test_long_run_row_is_what_the_run_recorded():
+    """README's long-run row: the test top-1/top-5 of eval_32.json, the epochs and summed train_seconds of summary.csv,
+    the recipe of args.yaml; and the schedule is one warm-up and one decay (no restart)."""
+    row = re.search(r'^\| long \| `(\w+)` \([\d.]+M\) \| (\d+) \| (\d+) h (\d+) min \| ([\d.]+) \| ([\d.]+) \|',
+                    README, flags=re.M)
+    assert row, 'no long-run row in README'
+    model, epochs, hours, minutes, top1, top5 = row.groups()
+    run = ROOT / 'results' / 'cifar10' / 'long' / model
+    measured = json.loads((run / 'eval_32.json').read_text())
+    assert (top1, top5) == (f'{measured["top1"]:.2f}', f'{measured["top5"]:.2f}')
+    assert Path(measured['split']).name == 'test' and measured['images'] == 10000
+    args = yaml.safe_load((run / 'args.yaml').read_text())
+    assert args['model'] == model and args['epochs'] == int(epochs)
+    assert f'--config {args["config"]}' in README
+    spec = importlib.util.spec_from_file_location('plot_curves', ROOT / 'results' / 'plot_curves.py')
+    plot_curves = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_curves)
+    summary = plot_curves.read_summary(run / 'summary.csv')
+    assert summary['epoch'] == list(range(int(epochs)))
+    assert plot_curves.schedule_restarts(summary['lr']) == []
+    assert round(sum(summary['train_seconds']) / 60) == int(hours) * 60 + int(minutes)
+
+
 def test_plot_marks_where_a_run_was_resumed_with_a_longer_schedule():
     spec = importlib.util.spec_from_file_location('plot_curves', ROOT / 'results' / 'plot_curves.py')
     plot_curves = importlib.util.module_from_spec(spec)
