@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import timm
 import yaml
 
@@ -13,6 +14,14 @@ from aft_vit.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / 'README.md').read_text(encoding='utf-8')
+
+
+def _plot_curves():
+    """results/plot_curves.py (a script, not part of the package) as a module."""
+    spec = importlib.util.spec_from_file_location('plot_curves', ROOT / 'results' / 'plot_curves.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _blocks(lang):
@@ -70,33 +79,39 @@ def test_results_table_shows_the_measured_results():
             assert len((run / 'summary.csv').read_text().strip().splitlines()) == int(epochs) + 1
 
 
-def test_long_run_row_is_what_the_run_recorded():
-    """README's long-run row: the test top-1/top-5 of eval_32.json, the epochs and summed train_seconds of summary.csv,
-    the recipe of args.yaml; and the schedule is one warm-up and one decay (no restart)."""
-    row = re.search(r'^\| long \| `(\w+)` \([\d.]+M\) \| (\d+) \| (\d+) h (\d+) min \| ([\d.]+) \| ([\d.]+) \|',
-                    README, flags=re.M)
-    assert row, 'no long-run row in README'
-    model, epochs, hours, minutes, top1, top5 = row.groups()
-    run = ROOT / 'results' / 'cifar10' / 'long' / model
-    measured = json.loads((run / 'eval_32.json').read_text())
+CIFAR10_RUN_ROWS = re.findall(r'^\| `((?:long|matched)/\w+)` \| `(\w+)` \| ([\d.]+)M \| (\d+) \| (\d+) h (\d+) min \| '
+                             r'([\d.]+) \| ([\d.]+) \|', README, flags=re.M)
+
+
+def test_readme_shows_the_cifar10_long_run():
+    assert [row for row in CIFAR10_RUN_ROWS if row[0].startswith('long/')], 'no long-run row in README'
+
+
+@pytest.mark.parametrize('row', CIFAR10_RUN_ROWS, ids=lambda row: row[0])
+def test_cifar10_run_row_is_what_the_run_recorded(row):
+    """A README row of the CIFAR-10 long run / matched pair: the test top-1/top-5 of eval_32.json, the epochs and
+    summed train_seconds of summary.csv, the model, its parameter count and recipe from args.yaml; and the schedule
+    is one warm-up and one decay (no restart)."""
+    run, model, params, epochs, hours, minutes, top1, top5 = row
+    folder = ROOT / 'results' / 'cifar10' / run
+    measured = json.loads((folder / 'eval_32.json').read_text())
     assert (top1, top5) == (f'{measured["top1"]:.2f}', f'{measured["top5"]:.2f}')
     assert Path(measured['split']).name == 'test' and measured['images'] == 10000
-    args = yaml.safe_load((run / 'args.yaml').read_text())
-    assert args['model'] == model and args['epochs'] == int(epochs)
+    args = yaml.safe_load((folder / 'args.yaml').read_text())
+    assert (args['model'], args['experiment'], args['epochs']) == (model, folder.name, int(epochs))
     assert f'--config {args["config"]}' in README
-    spec = importlib.util.spec_from_file_location('plot_curves', ROOT / 'results' / 'plot_curves.py')
-    plot_curves = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_curves)
-    summary = plot_curves.read_summary(run / 'summary.csv')
+    size = dict(img_size=args['img_size']) if args['img_size'] else {}
+    built = timm.create_model(model, device='meta', num_classes=args['num_classes'], **size, **args['model_kwargs'])
+    assert params == f'{sum(p.numel() for p in built.parameters()) / 1e6:.2f}'
+    plot_curves = _plot_curves()
+    summary = plot_curves.read_summary(folder / 'summary.csv')
     assert summary['epoch'] == list(range(int(epochs)))
     assert plot_curves.schedule_restarts(summary['lr']) == []
     assert round(sum(summary['train_seconds']) / 60) == int(hours) * 60 + int(minutes)
 
 
 def test_plot_marks_where_a_run_was_resumed_with_a_longer_schedule():
-    spec = importlib.util.spec_from_file_location('plot_curves', ROOT / 'results' / 'plot_curves.py')
-    plot_curves = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_curves)
+    plot_curves = _plot_curves()
     warmup_then_cosine = [1e-3, 7e-4, 3e-4, 1e-5]
     assert plot_curves.schedule_restarts(warmup_then_cosine) == []
     assert plot_curves.schedule_restarts([5e-4, *warmup_then_cosine]) == []  # a 2-epoch warm-up is no restart
@@ -118,9 +133,7 @@ def test_training_curves_plot_every_group_of_runs_in_results(tmp_path):
 
 
 def test_a_run_evaluated_only_at_the_end_is_plotted_with_that_evaluation(tmp_path):
-    spec = importlib.util.spec_from_file_location('plot_curves', ROOT / 'results' / 'plot_curves.py')
-    plot_curves = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_curves)
+    plot_curves = _plot_curves()
     run = tmp_path / 'long' / 'aft_run'
     run.mkdir(parents=True)
     (run / 'summary.csv').write_text('epoch,train_loss,lr\n0,2.0,1e-3\n1,1.5,1e-6\n')
