@@ -464,11 +464,11 @@ def _cat_photo(tmp_path: Path) -> Path:
 def test_cli_predicts_and_evaluates_from_published_weights(hub, cifar_tiny, tmp_path):
     """timm's --model NAME --pretrained, for a registry tag (downloaded from the Hub) and a local-dir: folder;
     labels come from the published config."""
-    folder = ROOT / 'weights' / 'aft_conv_tiny_patch4_32.cifar10'
+    folder = ROOT / 'weights' / 'aft_conv_tiny_stem4_32.cifar10'
     photo = _cat_photo(tmp_path)
     env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / 'hf_home'), HF_HUB_DISABLE_TELEMETRY='1')
     env.pop('HF_TOKEN', None)
-    result = subprocess.run([sys.executable, '-m', 'aft_vit', 'predict', '--model', 'aft_conv_tiny_patch4_32.cifar10',
+    result = subprocess.run([sys.executable, '-m', 'aft_vit', 'predict', '--model', 'aft_conv_tiny_stem4_32.cifar10',
                              '--pretrained', str(photo), '--topk', '3', '--json'], capture_output=True, text=True,
                             env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
