@@ -18,7 +18,7 @@ PAPER_PARAMS = {
     'aft_conv_base_k25': 79.7,
 }
 IMAGENET_MODELS = sorted(PAPER_PARAMS) + ['aft_simple_tiny', 'aft_simple_small', 'aft_local_tiny', 'aft_local_small']
-SMALL_IMAGE_MODELS = {'aft_conv_tiny_patch4_32': 'cifar10', 'aft_conv_tiny_stem4_32': 'untrained'}  # -> default tag
+SMALL_IMAGE_MODELS = {'aft_conv_tiny_patch4_32': 'cifar10', 'aft_conv_tiny_stem4_32': 'cifar10'}  # -> default tag
 ALL_MODELS = IMAGENET_MODELS + sorted(SMALL_IMAGE_MODELS)
 TOKEN_MODELS = ['aft_full_tiny', 'aft_local_tiny', 'aft_simple_tiny']
 SMALL = dict(depth=2)  # architecture kept, fewer blocks: fast tests
