@@ -79,7 +79,8 @@ def test_results_table_shows_the_measured_results():
             assert len((run / 'summary.csv').read_text().strip().splitlines()) == int(epochs) + 1
 
 
-CIFAR10_RUN_ROWS = re.findall(r'^\| `((?:long|matched)/\w+)` \| `(\w+)` \| ([\d.]+)M \| (\d+) \| (\d+) h (\d+) min \| '
+CIFAR10_RUN_ROWS = re.findall(r'^\| `((?:long|matched|gpu-lease)/[\w-]+)` \| `(\w+)` \| ([\d.]+)M \| (\d+) \| '
+                             r'(?:(\d+) h )?(\d+) min \| '
                              r'([\d.]+) \| ([\d.]+) \|', README, flags=re.M)
 
 
@@ -107,7 +108,7 @@ def test_cifar10_run_row_is_what_the_run_recorded(row):
     summary = plot_curves.read_summary(folder / 'summary.csv')
     assert summary['epoch'] == list(range(int(epochs)))
     assert plot_curves.schedule_restarts(summary['lr']) == []
-    assert round(sum(summary['train_seconds']) / 60) == int(hours) * 60 + int(minutes)
+    assert round(sum(summary['train_seconds']) / 60) == int(hours or 0) * 60 + int(minutes)
 
 
 def test_plot_marks_where_a_run_was_resumed_with_a_longer_schedule():
