@@ -1,5 +1,6 @@
 """aft-vit train / eval / predict and python -m aft_vit.run, end to end on real CIFAR-10 images (../shared/data)."""
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -356,3 +357,38 @@ def test_holdout_split_is_seeded_disjoint_and_readable_by_timm(cifar_tiny, tmp_p
     with pytest.raises(UserInputError, match='not more than --per-class 40'):
         make_holdout(str(cifar_tiny), str(tmp_path / 'd'), per_class=40)
     assert not (tmp_path / 'd').exists() and not list(tmp_path.glob('.d.*'))
+
+
+def _gpu_lease_script():
+    """recipes/cifar10/gpu_lease.py (a script, not part of the package) as a module."""
+    spec = importlib.util.spec_from_file_location('gpu_lease', ROOT / 'recipes' / 'cifar10' / 'gpu_lease.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_lease_pack_and_unpack_bring_back_the_weights_without_the_optimizer(tmp_path, monkeypatch):
+    """What a GPU lease sends back (pieces under the device tool's 16 MiB) joins into a checkpoint with the trained
+    weights, epoch and arguments of last.pth.tar, and without the optimizer state that only a resume needs."""
+    lease = _gpu_lease_script()
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    state_dict = {'weight': torch.randn(1200, 1000, generator=torch.Generator().manual_seed(0))}  # ~4.6 MiB
+    torch.save(dict(epoch=26, arch='aft_conv_tiny_stem4_32', args=dict(epochs=27), state_dict=state_dict,
+                    optimizer=dict(state={0: dict(exp_avg=torch.ones(3))}), scheduler=dict(last_epoch=27)),
+               run_dir / 'last.pth.tar')
+    (run_dir / 'summary.csv').write_text('epoch,train_loss,train_seconds\n0,2.0,12.5\n')
+    (run_dir / 'args.yaml').write_text('epochs: 27\n')
+    monkeypatch.setattr(lease, 'PART_BYTES', 2 ** 20)  # several pieces, as a 20 MiB checkpoint makes at 15 MiB
+    assert lease.pack(run_dir, tmp_path / 'out') == 0
+    pieces = sorted((tmp_path / 'out').glob('weights.pth.tar.part*'))
+    assert len(pieces) == 5 and all(p.stat().st_size <= 2 ** 20 for p in pieces)
+
+    monkeypatch.setattr(lease, 'ROOT', tmp_path / 'here')
+    lease.unpack(tmp_path / 'out', 'aft_conv_tiny_stem4_32')
+    back_dir = tmp_path / 'here' / 'output' / 'cifar10-gpu' / 'aft_conv_tiny_stem4_32'
+    back = torch.load(back_dir / 'last.pth.tar', weights_only=True)
+    assert 'optimizer' not in back and 'scheduler' not in back
+    assert (back['epoch'], back['args']) == (26, dict(epochs=27))
+    torch.testing.assert_close(back['state_dict']['weight'], state_dict['weight'], rtol=0, atol=0)
+    assert (back_dir / 'summary.csv').read_text() == (run_dir / 'summary.csv').read_text()
