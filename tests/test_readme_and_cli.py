@@ -1,5 +1,4 @@
 """README.md stays true: its usage example runs, its commands match .ci/run, its ours-column matches the models."""
-import importlib.util
 import json
 import re
 import subprocess
@@ -11,17 +10,14 @@ import timm
 import yaml
 
 from aft_vit.cli import main
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / 'README.md').read_text(encoding='utf-8')
 
 
 def _plot_curves():
-    """results/plot_curves.py (a script, not part of the package) as a module."""
-    spec = importlib.util.spec_from_file_location('plot_curves', ROOT / 'results' / 'plot_curves.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('results/plot_curves.py')
 
 
 def _blocks(lang):

@@ -1,22 +1,19 @@
 """The committed recipe-study tables are what their rows' own files compute, and the study runner resumes a
 stopped row instead of starting it again."""
-import importlib.util
 from pathlib import Path
 
 import pytest
 import yaml
 
 from aft_vit.train import parse_args
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDIES = sorted((ROOT / 'results').glob('*/study.yaml'))
 
 
 def _study_module():
-    spec = importlib.util.spec_from_file_location('study', ROOT / 'results' / 'study.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script('results/study.py')
 
 
 @pytest.mark.parametrize('study_yaml', STUDIES, ids=lambda p: p.parent.name)

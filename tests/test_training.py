@@ -1,6 +1,5 @@
 """aft-vit train / eval / predict and python -m aft_vit.run, end to end on real CIFAR-10 images (../shared/data)."""
 import csv
-import importlib.util
 import json
 import os
 import re
@@ -19,6 +18,7 @@ from aft_vit.errors import UserInputError
 from aft_vit.holdout import make_holdout
 from aft_vit.train import build_parser as train_parser, parse_args
 from aft_vit.labels import imagenet_descriptions
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -359,18 +359,10 @@ def test_holdout_split_is_seeded_disjoint_and_readable_by_timm(cifar_tiny, tmp_p
     assert not (tmp_path / 'd').exists() and not list(tmp_path.glob('.d.*'))
 
 
-def _gpu_lease_script():
-    """recipes/cifar10/gpu_lease.py (a script, not part of the package) as a module."""
-    spec = importlib.util.spec_from_file_location('gpu_lease', ROOT / 'recipes' / 'cifar10' / 'gpu_lease.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_lease_pack_and_unpack_bring_back_the_weights_without_the_optimizer(tmp_path, monkeypatch):
     """What a GPU lease sends back (pieces under the device tool's 16 MiB) joins into a checkpoint with the trained
     weights, epoch and arguments of last.pth.tar, and without the optimizer state that only a resume needs."""
-    lease = _gpu_lease_script()
+    lease = load_script('recipes/cifar10/gpu_lease.py')
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
     state_dict = {'weight': torch.randn(1200, 1000, generator=torch.Generator().manual_seed(0))}  # ~4.6 MiB

@@ -13,6 +13,7 @@ travels: the test split is for the final evaluation, done here by ``aft-vit eval
 """
 import argparse
 import csv
+import io
 import math
 import os
 import shutil
@@ -47,9 +48,10 @@ def prepare(shared_zip: Path) -> None:
           f'timm {timm.__version__} wheel -> {LEASE_DIR}')
 
 
-def _train_command(extra: List[str]) -> List[str]:
+def _train_command(extra: List[str], compile_backend: str) -> List[str]:
+    compile_args = ['--torchcompile', compile_backend] if compile_backend else []
     return [sys.executable, '-m', 'aft_vit', 'train', '--config', RECIPE, '--data-dir', 'data/cifar10-jpg',
-            '--val-split', '', '--no-progress', '--skip-image-check', *extra]
+            '--val-split', '', '--no-progress', '--skip-image-check', *extra, *compile_args]
 
 
 def _epoch_seconds(summary: Path) -> List[float]:
@@ -63,8 +65,7 @@ def _calibrate(compile_backend: str) -> Tuple[List[float], float, str]:
     shutil.rmtree(calibration, ignore_errors=True)
     extra = ['--epochs', '2', '--warmup-epochs', '1', '--output', str(calibration), '--experiment', 'calibration']
     start = time.monotonic()
-    result = subprocess.run(_train_command(extra + (['--torchcompile', compile_backend] if compile_backend else [])),
-                            cwd=ROOT)
+    result = subprocess.run(_train_command(extra, compile_backend), cwd=ROOT)
     if result.returncode != 0:
         if not compile_backend:
             raise SystemExit('calibration failed')
@@ -98,8 +99,7 @@ def run(out: Path, budget_s: float, max_epochs: int, experiment: str, compile_ba
           flush=True)
 
     command = _train_command(['--epochs', str(epochs), '--warmup-epochs', str(warmup), '--output', OUTPUT,
-                              '--experiment', experiment]
-                             + (['--torchcompile', compile_backend] if compile_backend else []))
+                              '--experiment', experiment], compile_backend)
     try:
         subprocess.run(command, check=True, cwd=ROOT, timeout=max(1., deadline - time.monotonic() - 20))
     except subprocess.TimeoutExpired:
@@ -113,10 +113,9 @@ def pack(run_dir: Path, out: Path) -> int:
     checkpoint = torch.load(run_dir / 'last.pth.tar', map_location='cpu', weights_only=True)
     slim = {k: v for k, v in checkpoint.items() if k not in TRAINING_STATE}
     out.mkdir(parents=True, exist_ok=True)
-    packed = out / 'weights.pth.tar'
-    torch.save(slim, packed)
-    data = packed.read_bytes()
-    packed.unlink()
+    buffer = io.BytesIO()
+    torch.save(slim, buffer)
+    data = buffer.getvalue()
     for i in range(math.ceil(len(data) / PART_BYTES)):
         (out / f'weights.pth.tar.part{i}').write_bytes(data[i * PART_BYTES:(i + 1) * PART_BYTES])
     for name in ('summary.csv', 'args.yaml'):
