@@ -52,11 +52,15 @@ def _training_time(wall_seconds: Optional[float]) -> str:
     return f'Wall time: {took} of training and per-epoch evaluation, summed over the epochs of every run below.'
 
 
-def _commands_with_machines(history: List[str], machines: List[str]) -> str:
-    """The training commands in order, each after a comment naming the machine it ran on (when recorded)."""
+def _commands_with_machines(history: List[str], machines: List[str], precisions: List[str]) -> str:
+    """The training commands in order, each after a comment naming the machine it ran on and the precision it
+    trained in (where recorded)."""
     if len(machines) != len(history):
         return '\n'.join(history)
-    return '\n'.join(f'# on {machine}\n{command}' for machine, command in zip(machines, history))
+    if len(precisions) != len(history):
+        precisions = [''] * len(history)
+    return '\n'.join(f'# on {machine}{", in " + precision if precision else ""}\n{command}'
+                     for machine, precision, command in zip(machines, precisions, history))
 
 
 def _classes_section(label_names: Optional[Sequence[str]]) -> str:
@@ -94,7 +98,8 @@ def _model_card(name: str, model, evaluations: Sequence[Dict[str, Any]], checkpo
     size = results['data_config']['input_size']
     trained_with = checkpoint.get('args') or {}
     history = command_history(trained_with) or ['(not recorded in the checkpoint)']
-    command = _commands_with_machines(history, list(trained_with.get('machine_history') or []))
+    command = _commands_with_machines(history, list(trained_with.get('machine_history') or []),
+                                      list(trained_with.get('precision_history') or []))
     resumed = (f'Trained in {len(history)} runs, each resuming from the previous one\'s checkpoint (`--resume`):\n\n'
                if len(history) > 1 else '')
     recipe = trained_with.get('config') or '(command-line arguments only)'

@@ -1,23 +1,47 @@
 """What a run ran on, in one line: speed (and so a training run's wall time) depends on the processor's vector
 extensions, so every benchmark table, training checkpoint and model card names them."""
+import re
 from pathlib import Path
 
 import torch
 
 
+def _processor_name() -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return 'unknown CPU'
+
+
+def processor_key() -> str:
+    """A short slug of the processor family, e.g. 'amd-epyc' or 'intel-xeon': benchmark tables are kept one per
+    family, since their speed ratios differ."""
+    name = re.sub(r'\((R|TM|r|tm)\)', ' ', _processor_name())
+    words = re.findall(r'[A-Za-z0-9]+', name)
+    return '-'.join(w.lower() for w in words[:2]) or 'unknown'
+
+
+def _cpu_flags() -> set:
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('flags'):
+                return set(line.split(':', 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def machine_description() -> str:
     """The processor model (or GPU), the vector extensions that decide CPU speed ratios, and the thread count."""
     if torch.cuda.is_available():
-        return f'{torch.cuda.get_device_name(0)} (torch {torch.__version__})'
-    cpu, flags = 'unknown CPU', set()
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name') and cpu == 'unknown CPU':
-                cpu = line.split(':', 1)[1].strip()
-            elif line.startswith('flags') and not flags:
-                flags = set(line.split(':', 1)[1].split())
-    except OSError:
-        pass
+        return f'{_processor_name()} (torch {torch.__version__})'
+    flags = _cpu_flags()
     isa = [name for flag, name in (('avx512f', 'AVX512'), ('avx512_bf16', 'AVX512-BF16'), ('amx_tile', 'AMX'))
            if flag in flags] or ['no AVX512']
-    return f'{cpu} ({", ".join(isa)}), {torch.get_num_threads()} threads (torch {torch.__version__})'
+    return f'{_processor_name()} ({", ".join(isa)}), {torch.get_num_threads()} threads (torch {torch.__version__})'

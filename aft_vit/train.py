@@ -44,6 +44,7 @@ from .factory import create_model_checked
 from .data import check_image_folder, resolve_split_dir
 from .errors import UserInputError
 from .machine import machine_description
+from .precision import autocast_is_faster, time_precisions
 from .evaluate import evaluate
 from .size_schedule import SizeSchedule, check_model_takes_sizes, parse_size_schedule, size_at
 
@@ -92,6 +93,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False,
                    help='mixed precision (autocast); --no-amp overrides a recipe\'s amp: true')
     g.add_argument('--amp-dtype', default='bfloat16', choices=('float16', 'bfloat16'))
+    g.add_argument('--amp-auto', action='store_true',
+                   help='time a training pass in float32 and in --amp-dtype autocast on this machine and train in the '
+                        'faster (sets --amp); a run resumed on the machine it last ran on keeps that choice')
     g.add_argument('--device-modules', nargs='+', default=None, help='modules to import before building the model')
 
 
@@ -439,6 +443,7 @@ class _Resumed(NamedTuple):
     commands: List[str] = []
     machines: List[str] = []
     wall_seconds: float = 0.
+    precisions: List[str] = []  # 'float32' or '<dtype> autocast', one per command (older checkpoints: none)
 
 
 def _resume(args: argparse.Namespace, opt: _Optimization) -> _Resumed:
@@ -461,7 +466,38 @@ def _resume(args: argparse.Namespace, opt: _Optimization) -> _Resumed:
     start_epoch = checkpoint.get('epoch', -1) + (1 if checkpoint.get('version', 1) > 1 else 0)
     trained_with = checkpoint.get('args') or {}
     return _Resumed(start_epoch, checkpoint.get('metric'), command_history(trained_with),
-                    list(trained_with.get('machine_history') or []), float(checkpoint.get('wall_seconds') or 0.))
+                    list(trained_with.get('machine_history') or []), float(checkpoint.get('wall_seconds') or 0.),
+                    list(trained_with.get('precision_history') or []))
+
+
+def _precision_name(args: argparse.Namespace) -> str:
+    return f'{args.amp_dtype} autocast' if args.amp else 'float32'
+
+
+def _amp_auto(args: argparse.Namespace, model: torch.nn.Module, input_size: Sequence[int], num_classes: int,
+              device: torch.device) -> bool:
+    """--amp-auto: whether autocast trains faster than float32 here (:mod:`aft_vit.precision`). A run resumed on
+    the machine it last ran on keeps the precision it had there: timing noise must not change the arithmetic of an
+    exact resume. Rank 0 measures and the others follow it."""
+    if args.resume:
+        trained_with = load_checkpoint_file(args.resume, args.model).get('args') or {}
+        machines = list(trained_with.get('machine_history') or [])
+        precisions = list(trained_with.get('precision_history') or [])
+        if machines and len(precisions) == len(machines) and machines[-1] == machine_description():
+            _logger.info(f'--amp-auto: resuming on the machine of the last session, in its precision ({precisions[-1]})')
+            return precisions[-1] != 'float32'
+    use_amp = False
+    if _is_primary(args):
+        times = time_precisions(model, input_size, args.batch_size, num_classes, getattr(torch, args.amp_dtype))
+        use_amp = autocast_is_faster(times)
+        measured = ', '.join(f'{name} {seconds * 1000:.0f} ms' for name, seconds in times.items())
+        _logger.info(f'--amp-auto: one training pass of {args.batch_size} images at {tuple(input_size)}: {measured}; '
+                     f'training in {"autocast" if use_amp else "float32"}')
+    if args.distributed:
+        flag = torch.tensor([float(use_amp)], device=device)
+        dist.broadcast(flag, src=0)
+        use_amp = bool(flag.item())
+    return use_amp
 
 
 def _output_dir(args: argparse.Namespace, input_size: Sequence[int], start_epoch: int) -> Path:
@@ -526,6 +562,9 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if size_schedule:
         check_model_takes_sizes(model, size_schedule, data_config['input_size'][0])
     loaders = _build_loaders(args, train_dir, eval_dir, data_config, num_classes, device)
+    if args.amp_auto:
+        train_size = size_at(size_schedule, 0) if size_schedule else data_config['input_size'][-1]
+        args.amp = _amp_auto(args, model, (data_config['input_size'][0], train_size, train_size), num_classes, device)
     lr = _resolved_lr(args)
     opt = _build_optimization(args, model, loaders, lr, device)
 
@@ -538,7 +577,8 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     this_run = [args.command] if getattr(args, 'command', None) else []
     recorded_args = {**_plain_args(args), 'lr': lr, 'num_classes': num_classes,
                      'command_history': resumed.commands + this_run,
-                     'machine_history': resumed.machines + [machine_description() for _ in this_run]}
+                     'machine_history': resumed.machines + [machine_description() for _ in this_run],
+                     'precision_history': resumed.precisions + [_precision_name(args) for _ in this_run]}
 
     if args.torchcompile:
         opt.task.compile(backend=args.torchcompile)

@@ -1,6 +1,7 @@
 """Shared measurement helpers for the benchmark scripts: timing medians and peak memory of a fresh process."""
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
+from aft_vit.machine import processor_key
 
 
 def median_seconds(fn: Callable[[], None], repeats: int, inner: int = 1) -> float:
@@ -62,12 +64,23 @@ README = Path(__file__).with_name('README.md')
 
 
 def update_readme(text: str, section: str) -> None:
-    """Replace the block between ``<!-- section:start -->`` and ``<!-- section:end -->`` of benchmarks/README.md."""
-    start, end = f'<!-- {section}:start -->', f'<!-- {section}:end -->'
+    """Write ``text`` as this processor family's table of ``section`` in benchmarks/README.md.
+
+    Each family (:func:`aft_vit.machine.processor_key`) keeps its own block, ``<!-- section:family:start -->`` to
+    ``<!-- section:family:end -->``: a run replaces its own family's table and leaves the others'. A family's
+    first table goes after the section's last block (or at the end of the file).
+    """
+    name = f'{section}:{processor_key()}'
+    start, end = f'<!-- {name}:start -->', f'<!-- {name}:end -->'
     current = README.read_text() if README.exists() else ''
     block = f'{start}\n{text}\n{end}'
     if start in current:
         current = current[:current.index(start)] + block + current[current.index(end) + len(end):]
     else:
-        current += f'\n{block}\n'
+        ends = list(re.finditer(rf'<!-- {re.escape(section)}:[a-z0-9-]+:end -->', current))
+        if ends:
+            at = ends[-1].end()
+            current = current[:at] + f'\n\n{block}' + current[at:]
+        else:
+            current += f'\n{block}\n'
     README.write_text(current)

@@ -185,6 +185,54 @@ def test_resume_with_more_epochs_extends_the_schedule(cifar_tiny, tmp_path):
     assert ['--epochs', '1'] == history[0].split()[history[0].split().index('--epochs'):][:2]
 
 
+def test_time_precisions_leaves_the_model_as_it_was():
+    """The timing passes run on a copy: weights, batch-norm statistics (the conv stem has some) and gradients stay."""
+    import timm
+    from aft_vit.precision import autocast_is_faster, time_precisions
+    model = timm.create_model('aft_conv_tiny_stem4_32', depth=1, num_classes=10).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    times = time_precisions(model, (3, 32, 32), batch_size=4, num_classes=10, amp_dtype=torch.bfloat16, steps=1)
+    assert set(times) == {'float32', 'bfloat16'} and all(t > 0 for t in times.values())
+    assert autocast_is_faster(times) == (times['bfloat16'] < times['float32'])
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_amp_auto_picks_the_faster_precision_and_keeps_it_on_resume_on_the_same_machine(
+        cifar_tiny, tmp_path, monkeypatch):
+    """--amp-auto trains in what the timing found faster and records it; a resume on the machine of the last session
+    keeps that precision without timing again (an exact resume), a resume on another machine times again."""
+    import aft_vit.train as train_module
+    timings = []
+
+    def fake_timing(faster):
+        def timing(model, input_size, batch_size, num_classes, amp_dtype):
+            timings.append(tuple(input_size))
+            return {'float32': 1.0, 'bfloat16': 0.5} if faster == 'bfloat16' else {'float32': 0.5, 'bfloat16': 1.0}
+        return timing
+
+    common = ['--data-dir', str(cifar_tiny), *map(str, small_model(1)), '-b', '32', '--warmup-epochs', '0',
+              '--lr', '1e-3', '--no-progress', '-j', '0', '--val-split', '', '--amp-auto', '--output', str(tmp_path),
+              '--experiment', 'run']
+    last = tmp_path / 'run' / 'last.pth.tar'
+
+    def precisions():
+        return torch.load(last, weights_only=True)['args']['precision_history']
+
+    monkeypatch.setattr(train_module, 'time_precisions', fake_timing('bfloat16'))
+    assert train_module.main([*common, '--epochs', '1']) == 0
+    assert timings == [(3, 32, 32)] and precisions() == ['bfloat16 autocast']
+    assert yaml.safe_load((tmp_path / 'run' / 'args.yaml').read_text())['amp'] is True
+
+    monkeypatch.setattr(train_module, 'time_precisions', fake_timing('float32'))
+    assert train_module.main([*common, '--epochs', '2', '--resume', str(last)]) == 0
+    assert len(timings) == 1 and precisions() == ['bfloat16 autocast'] * 2
+
+    monkeypatch.setattr(train_module, 'machine_description', lambda: 'another processor')
+    assert train_module.main([*common, '--epochs', '3', '--resume', str(last)]) == 0
+    assert len(timings) == 2 and precisions() == ['bfloat16 autocast'] * 2 + ['float32']
+
+
 def test_torchrun_two_processes_match_one_process(cifar_tiny, tmp_path):
     """One step per epoch over all 320 images: 2 ranks x 160 must equal 1 process x 320 (DDP averages gradients).
 

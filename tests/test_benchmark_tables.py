@@ -1,0 +1,25 @@
+"""benchmarks/_measure.py keeps one README table per processor family: a run on an AMD EPYC must not erase the
+Intel Xeon's table of the same section, since the speed ratios the issue targets differ between them."""
+from tests.scripts import load_script
+
+
+def test_each_processor_family_keeps_its_own_table(tmp_path, monkeypatch):
+    measure = load_script('benchmarks/_measure.py')
+    readme = tmp_path / 'README.md'
+    readme.write_text('# Benchmarks\n\n## Models\n\n<!-- throughput:intel-xeon:start -->\nxeon 1\n'
+                      '<!-- throughput:intel-xeon:end -->\n\n## Later section\n')
+    monkeypatch.setattr(measure, 'README', readme)
+
+    monkeypatch.setattr(measure, 'processor_key', lambda: 'amd-epyc')
+    measure.update_readme('amd 1', 'throughput')
+    text = readme.read_text()
+    assert text.index('xeon 1') < text.index('amd 1') < text.index('## Later section')
+
+    measure.update_readme('amd 2', 'throughput')
+    monkeypatch.setattr(measure, 'processor_key', lambda: 'intel-xeon')
+    measure.update_readme('xeon 2', 'throughput')
+    measure.update_readme('only xeon', 'operators')
+    text = readme.read_text()
+    assert 'amd 1' not in text and 'xeon 1' not in text
+    assert text.index('xeon 2') < text.index('amd 2') < text.index('## Later section') < text.index('only xeon')
+    assert text.count('<!-- throughput:amd-epyc:start -->') == 1 and text.count('<!-- throughput:amd-epyc:end -->') == 1
