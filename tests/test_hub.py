@@ -118,6 +118,7 @@ def test_card_of_a_resumed_run_lists_every_command(checkpoint, cifar_tiny, tmp_p
     # each command after the machine it ran on; the wall time adds up both runs' epochs (training + evaluation)
     lines = card.splitlines()
     assert [lines[lines.index(c) - 1].startswith('# on ') for c in commands] == [True, True]
+    assert [lines[lines.index(c) - 1].endswith(', in float32') for c in commands] == [True, True]  # no --amp
     wall = torch.load(run / 'last.pth.tar', weights_only=True)['wall_seconds']
     with open(run / 'summary.csv', newline='') as f:
         epochs = list(csv.DictReader(f))
