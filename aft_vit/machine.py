@@ -1,22 +1,35 @@
 """What a run ran on, in one line: speed (and so a training run's wall time) depends on the processor's vector
 extensions, so every benchmark table, training checkpoint and model card names them."""
+import functools
 import re
 from pathlib import Path
+from typing import Dict, Set
 
 import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _cpuinfo() -> Dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ('model name', 'flags', ...), read once per process: they do
+    not change while it runs. Empty where there is no such file."""
+    fields: Dict[str, str] = {}
+    try:
+        text = Path('/proc/cpuinfo').read_text()
+    except OSError:
+        return fields
+    for line in text.splitlines():
+        if not line.strip():
+            break  # the end of the first processor's block
+        key, _, value = line.partition(':')
+        fields.setdefault(key.strip(), value.strip())
+    return fields
 
 
 def _processor_name() -> str:
     """The GPU's name, or the CPU's model name from /proc/cpuinfo."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return 'unknown CPU'
+    return _cpuinfo().get('model name') or 'unknown CPU'
 
 
 def processor_key() -> str:
@@ -27,14 +40,8 @@ def processor_key() -> str:
     return '-'.join(w.lower() for w in words[:2]) or 'unknown'
 
 
-def _cpu_flags() -> set:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('flags'):
-                return set(line.split(':', 1)[1].split())
-    except OSError:
-        pass
-    return set()
+def _cpu_flags() -> Set[str]:
+    return set(_cpuinfo().get('flags', '').split())
 
 
 def machine_description() -> str:

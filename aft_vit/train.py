@@ -446,9 +446,8 @@ class _Resumed(NamedTuple):
     precisions: List[str] = []  # 'float32' or '<dtype> autocast', one per command (older checkpoints: none)
 
 
-def _resume(args: argparse.Namespace, opt: _Optimization) -> _Resumed:
-    """Restore a checkpoint's training state."""
-    checkpoint = load_checkpoint_file(args.resume, args.model)
+def _resume(args: argparse.Namespace, opt: _Optimization, checkpoint: Dict[str, Any]) -> _Resumed:
+    """Restore the training state of ``checkpoint``, the file ``args.resume`` loaded."""
     if 'state_dict' not in checkpoint:
         raise UserInputError(f'{args.resume} holds no training state (no state_dict): use --initial-checkpoint')
     task = opt.task
@@ -475,12 +474,12 @@ def _precision_name(args: argparse.Namespace) -> str:
 
 
 def _amp_auto(args: argparse.Namespace, model: torch.nn.Module, input_size: Sequence[int], num_classes: int,
-              device: torch.device) -> bool:
+              device: torch.device, resume_checkpoint: Optional[Dict[str, Any]] = None) -> bool:
     """--amp-auto: whether autocast trains faster than float32 here (:mod:`aft_vit.precision`). A run resumed on
-    the machine it last ran on keeps the precision it had there: timing noise must not change the arithmetic of an
-    exact resume. Rank 0 measures and the others follow it."""
-    if args.resume:
-        trained_with = load_checkpoint_file(args.resume, args.model).get('args') or {}
+    the machine it last ran on (``resume_checkpoint``) keeps the precision it had there: timing noise must not
+    change the arithmetic of an exact resume. Rank 0 measures and the others follow it."""
+    if resume_checkpoint is not None:
+        trained_with = resume_checkpoint.get('args') or {}
         machines = list(trained_with.get('machine_history') or [])
         precisions = list(trained_with.get('precision_history') or [])
         if machines and len(precisions) == len(machines) and machines[-1] == machine_description():
@@ -562,13 +561,15 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     if size_schedule:
         check_model_takes_sizes(model, size_schedule, data_config['input_size'][0])
     loaders = _build_loaders(args, train_dir, eval_dir, data_config, num_classes, device)
+    resume_checkpoint = load_checkpoint_file(args.resume, args.model) if args.resume else None
     if args.amp_auto:
         train_size = size_at(size_schedule, 0) if size_schedule else data_config['input_size'][-1]
-        args.amp = _amp_auto(args, model, (data_config['input_size'][0], train_size, train_size), num_classes, device)
+        args.amp = _amp_auto(args, model, (data_config['input_size'][0], train_size, train_size), num_classes, device,
+                             resume_checkpoint)
     lr = _resolved_lr(args)
     opt = _build_optimization(args, model, loaders, lr, device)
 
-    resumed = _resume(args, opt) if args.resume else _Resumed()
+    resumed = _resume(args, opt, resume_checkpoint) if resume_checkpoint is not None else _Resumed()
     if resumed.start_epoch > 0:  # timm's schedulers are functions of the epoch / update count: set them to where we are
         opt.scheduler.step(resumed.start_epoch)
         opt.scheduler.step_update(resumed.start_epoch * len(loaders.train))

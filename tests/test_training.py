@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import yaml
 
 from aft_vit.cli import main as cli_main
 from aft_vit.errors import UserInputError
+from aft_vit.evaluate import evaluate
 from aft_vit.holdout import make_holdout
 from aft_vit.train import build_parser as train_parser, parse_args
 from aft_vit.labels import imagenet_descriptions
@@ -79,6 +81,23 @@ def test_eval_on_checkpoint_reports_the_training_accuracy(trained, cifar_small, 
     assert metrics['top5'] == pytest.approx(float(best_row['eval_top5']), abs=1e-9)
     assert metrics['loss'] == pytest.approx(float(best_row['eval_loss']), rel=1e-5)
     assert 'top1' in result.stdout and metrics['img_per_sec'] > 0
+
+
+def test_mirror_tta_scores_the_mean_of_both_images_logits():
+    """evaluate(hflip_tta=True) against top-1, top-5 and cross-entropy computed here from the two logits' mean."""
+    torch.manual_seed(0)
+    model = timm.create_model('aft_conv_tiny_patch4_32', depth=1, num_classes=10).eval()
+    batches = [(torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))) for _ in range(3)]
+    with torch.no_grad():
+        logits = torch.cat([(model(x) + model(x.flip(-1))) / 2 for x, _ in batches])
+        plain = torch.cat([model(x) for x, _ in batches])
+    targets = torch.cat([y for _, y in batches])
+    assert not torch.allclose(logits, plain), 'the mirror should change a random model\'s logits'
+    metrics = evaluate(model, batches, hflip_tta=True)
+    top5 = (logits.topk(5, dim=1).indices == targets[:, None]).any(dim=1).float().mean() * 100
+    assert metrics['top1'] == pytest.approx(float((logits.argmax(1) == targets).float().mean() * 100))
+    assert metrics['top5'] == pytest.approx(float(top5))
+    assert metrics['loss'] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, targets)), rel=1e-5)
 
 
 def test_predict_names_the_classes(trained, cifar_small):
