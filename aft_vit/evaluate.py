@@ -36,7 +36,7 @@ def evaluate(model, loader, device=torch.device('cpu'), amp_autocast=nullcontext
     """Top-1, top-5 and cross-entropy of ``model`` over ``loader`` (timm's ClassificationEvaluator), and img/s.
 
     ``hflip_tta``: test-time augmentation by mirroring: the logits are the mean of the image's and its left-right
-    mirror's (the flip the training augmentation used; twice the cost, usually a fraction of a point better)."""
+    mirror's (the flip the training augmentation used), at twice the cost."""
     model.eval()
     evaluator = ClassificationEvaluator(device=device, max_samples=evaluation_sample_limit(loader))
     start, seen = time.perf_counter(), 0

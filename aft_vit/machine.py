@@ -41,6 +41,7 @@ def processor_key() -> str:
 
 
 def _cpu_flags() -> Set[str]:
+    """The CPU's feature flags ('avx512f', 'amx_tile', ...), which decide which kernels run fast."""
     return set(_cpuinfo().get('flags', '').split())
 
 
