@@ -435,6 +435,20 @@ def _checkpoint_state(epoch: int, opt: _Optimization, recorded_args: Dict[str, A
     return state
 
 
+class _History(NamedTuple):
+    """The commands that trained a checkpoint, with the machine and the precision of each (older checkpoints:
+    fewer machines or precisions than commands)."""
+    commands: List[str]
+    machines: List[str]
+    precisions: List[str]
+
+
+def _training_history(checkpoint: Dict[str, Any]) -> _History:
+    trained_with = checkpoint.get('args') or {}
+    return _History(command_history(trained_with), list(trained_with.get('machine_history') or []),
+                    list(trained_with.get('precision_history') or []))
+
+
 class _Resumed(NamedTuple):
     """Where a run starts: the epoch, the best metric so far, and the commands, machines and wall time (training
     and evaluation, summed over epochs) that produced the checkpoint: a model card reports all of them."""
@@ -446,8 +460,8 @@ class _Resumed(NamedTuple):
     precisions: List[str] = []  # 'float32' or '<dtype> autocast', one per command (older checkpoints: none)
 
 
-def _resume(args: argparse.Namespace, opt: _Optimization, checkpoint: Dict[str, Any]) -> _Resumed:
-    """Restore the training state of ``checkpoint``, the file ``args.resume`` loaded."""
+def _resume(args: argparse.Namespace, opt: _Optimization, checkpoint: Dict[str, Any], history: _History) -> _Resumed:
+    """Restore the training state of ``checkpoint``, the file ``args.resume`` loaded (``history``: its commands)."""
     if 'state_dict' not in checkpoint:
         raise UserInputError(f'{args.resume} holds no training state (no state_dict): use --initial-checkpoint')
     task = opt.task
@@ -463,10 +477,8 @@ def _resume(args: argparse.Namespace, opt: _Optimization, checkpoint: Dict[str, 
         if opt.loss_scaler is not None and opt.loss_scaler.state_dict_key in checkpoint:
             opt.loss_scaler.load_state_dict(checkpoint[opt.loss_scaler.state_dict_key])
     start_epoch = checkpoint.get('epoch', -1) + (1 if checkpoint.get('version', 1) > 1 else 0)
-    trained_with = checkpoint.get('args') or {}
-    return _Resumed(start_epoch, checkpoint.get('metric'), command_history(trained_with),
-                    list(trained_with.get('machine_history') or []), float(checkpoint.get('wall_seconds') or 0.),
-                    list(trained_with.get('precision_history') or []))
+    return _Resumed(start_epoch, checkpoint.get('metric'), history.commands, history.machines,
+                    float(checkpoint.get('wall_seconds') or 0.), history.precisions)
 
 
 def _precision_name(args: argparse.Namespace) -> str:
@@ -474,14 +486,12 @@ def _precision_name(args: argparse.Namespace) -> str:
 
 
 def _amp_auto(args: argparse.Namespace, model: torch.nn.Module, input_size: Sequence[int], num_classes: int,
-              device: torch.device, resume_checkpoint: Optional[Dict[str, Any]] = None) -> bool:
+              device: torch.device, resumed_history: Optional[_History] = None) -> bool:
     """--amp-auto: whether autocast trains faster than float32 here (:mod:`aft_vit.precision`). A run resumed on
-    the machine it last ran on (``resume_checkpoint``) keeps the precision it had there: timing noise must not
+    the machine it last ran on (``resumed_history``) keeps the precision it had there: timing noise must not
     change the arithmetic of an exact resume. Rank 0 measures and the others follow it."""
-    if resume_checkpoint is not None:
-        trained_with = resume_checkpoint.get('args') or {}
-        machines = list(trained_with.get('machine_history') or [])
-        precisions = list(trained_with.get('precision_history') or [])
+    if resumed_history is not None:
+        machines, precisions = resumed_history.machines, resumed_history.precisions
         if machines and len(precisions) == len(machines) and machines[-1] == machine_description():
             _logger.info(f'--amp-auto: resuming on the machine of the last session, in its precision ({precisions[-1]})')
             return precisions[-1] != 'float32'
@@ -562,14 +572,15 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
         check_model_takes_sizes(model, size_schedule, data_config['input_size'][0])
     loaders = _build_loaders(args, train_dir, eval_dir, data_config, num_classes, device)
     resume_checkpoint = load_checkpoint_file(args.resume, args.model) if args.resume else None
+    history = _training_history(resume_checkpoint) if resume_checkpoint is not None else None
     if args.amp_auto:
         train_size = size_at(size_schedule, 0) if size_schedule else data_config['input_size'][-1]
         args.amp = _amp_auto(args, model, (data_config['input_size'][0], train_size, train_size), num_classes, device,
-                             resume_checkpoint)
+                             history)
     lr = _resolved_lr(args)
     opt = _build_optimization(args, model, loaders, lr, device)
 
-    resumed = _resume(args, opt, resume_checkpoint) if resume_checkpoint is not None else _Resumed()
+    resumed = _resume(args, opt, resume_checkpoint, history) if resume_checkpoint is not None else _Resumed()
     if resumed.start_epoch > 0:  # timm's schedulers are functions of the epoch / update count: set them to where we are
         opt.scheduler.step(resumed.start_epoch)
         opt.scheduler.step_update(resumed.start_epoch * len(loaders.train))
