@@ -438,9 +438,9 @@ def _checkpoint_state(epoch: int, opt: _Optimization, recorded_args: Dict[str, A
 class _History(NamedTuple):
     """The commands that trained a checkpoint, with the machine and the precision of each (older checkpoints:
     fewer machines or precisions than commands)."""
-    commands: List[str]
-    machines: List[str]
-    precisions: List[str]
+    commands: List[str] = []
+    machines: List[str] = []
+    precisions: List[str] = []  # 'float32' or '<dtype> autocast'
 
 
 def _training_history(checkpoint: Dict[str, Any]) -> _History:
@@ -450,14 +450,12 @@ def _training_history(checkpoint: Dict[str, Any]) -> _History:
 
 
 class _Resumed(NamedTuple):
-    """Where a run starts: the epoch, the best metric so far, and the commands, machines and wall time (training
-    and evaluation, summed over epochs) that produced the checkpoint: a model card reports all of them."""
+    """Where a run starts: the epoch, the best metric so far, and the history and wall time (training and
+    evaluation, summed over epochs) that produced the checkpoint: a model card reports all of them."""
     start_epoch: int = 0
     best_metric: Optional[float] = None
-    commands: List[str] = []
-    machines: List[str] = []
+    history: _History = _History()
     wall_seconds: float = 0.
-    precisions: List[str] = []  # 'float32' or '<dtype> autocast', one per command (older checkpoints: none)
 
 
 def _resume(args: argparse.Namespace, opt: _Optimization, checkpoint: Dict[str, Any], history: _History) -> _Resumed:
@@ -477,8 +475,7 @@ def _resume(args: argparse.Namespace, opt: _Optimization, checkpoint: Dict[str, 
         if opt.loss_scaler is not None and opt.loss_scaler.state_dict_key in checkpoint:
             opt.loss_scaler.load_state_dict(checkpoint[opt.loss_scaler.state_dict_key])
     start_epoch = checkpoint.get('epoch', -1) + (1 if checkpoint.get('version', 1) > 1 else 0)
-    return _Resumed(start_epoch, checkpoint.get('metric'), history.commands, history.machines,
-                    float(checkpoint.get('wall_seconds') or 0.), history.precisions)
+    return _Resumed(start_epoch, checkpoint.get('metric'), history, float(checkpoint.get('wall_seconds') or 0.))
 
 
 def _precision_name(args: argparse.Namespace) -> str:
@@ -587,10 +584,11 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     # what checkpoints and args.yaml record: the arguments with the values derived from them filled in, and the
     # commands (with the machine each ran on) that trained the weights
     this_run = [args.command] if getattr(args, 'command', None) else []
+    previous = resumed.history
     recorded_args = {**_plain_args(args), 'lr': lr, 'num_classes': num_classes,
-                     'command_history': resumed.commands + this_run,
-                     'machine_history': resumed.machines + [machine_description() for _ in this_run],
-                     'precision_history': resumed.precisions + [_precision_name(args) for _ in this_run]}
+                     'command_history': previous.commands + this_run,
+                     'machine_history': previous.machines + [machine_description() for _ in this_run],
+                     'precision_history': previous.precisions + [_precision_name(args) for _ in this_run]}
 
     if args.torchcompile:
         opt.task.compile(backend=args.torchcompile)

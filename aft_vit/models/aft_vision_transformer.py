@@ -645,8 +645,8 @@ default_cfgs = generate_default_cfgs({
     'aft_conv_tiny_stem4_32.cifar10': _conv_cfg(
         hf_hub_id='aft-vit/aft_conv_tiny_stem4_32.cifar10', num_classes=10, input_size=(3, 32, 32), crop_pct=1.0,
         mean=CIFAR10_MEAN, std=CIFAR10_STD, label_names=CIFAR10_CLASSES, first_conv='patch_embed.backbone.0.conv',
-        description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px: one 34-epoch schedule on a 2-core CPU '
-                    '(README "Results").'),
+        description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px: one 32-epoch schedule on a 2-core CPU '
+                    '(long run 2, README "Results").'),
     'aft_conv_tiny_stem4_32.h200_cifar10': _conv_cfg(
         hf_hub_id='aft-vit/aft_conv_tiny_stem4_32.h200_cifar10', num_classes=10, input_size=(3, 32, 32),
         crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD, label_names=CIFAR10_CLASSES,
