@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import timm
 import torch
-from timm.models import save_for_hf
+from timm.models import get_pretrained_cfg, save_for_hf
 
 import aft_vit
 from . import evaluate
@@ -172,12 +172,23 @@ transform = timm.data.create_transform(**config)
 '''
 
 
+def tag_description(architecture: str, tag: str) -> Optional[str]:
+    """The registry's description of ``<architecture>.<tag>``; None for a tag it does not know. A checkpoint's
+    model is built under its architecture's default tag, whose description tells of other weights."""
+    try:
+        cfg = get_pretrained_cfg(f'{architecture}.{tag}')
+    except RuntimeError:  # a tag the registry does not know (yet)
+        return None
+    return getattr(cfg, 'description', None) if cfg is not None else None
+
+
 def save_hub_files(model: torch.nn.Module, folder: Path, tag: str, label_names: Optional[Sequence[str]],
                    data_config: Dict[str, Any]) -> str:
     """``config.json`` and ``model.safetensors`` of a Hub repository in timm's format; returns the weights' sha256.
 
     timm's ``save_for_hf`` writes them; the config then gets the published ``tag`` in its ``pretrained_cfg``
-    (not the tag the model was built under) and ``model_args`` keeps only architecture arguments:
+    (not the tag the model was built under), with that tag's description (:func:`tag_description`; none for a tag
+    the registry does not know), and ``model_args`` keeps only architecture arguments:
     ``num_classes`` and ``global_pool`` are the config's own top-level fields, and loaders such as transformers'
     TimmWrapper pass ``num_classes`` themselves.
     """
@@ -189,6 +200,10 @@ def save_hub_files(model: torch.nn.Module, folder: Path, tag: str, label_names: 
     save_for_hf(model, folder, model_config=model_config, safe_serialization=True, data_config=data_config)
     config_path = folder / 'config.json'
     config = json.loads(config_path.read_text(encoding='utf-8'))
+    config['pretrained_cfg'].pop('description', None)
+    description = tag_description(config['architecture'], tag)
+    if description:
+        config['pretrained_cfg']['description'] = description
     model_args = config.get('model_args', {})
     for key in RUNTIME_MODEL_ARGS:
         model_args.pop(key, None)

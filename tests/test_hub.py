@@ -66,6 +66,7 @@ def test_publish_writes_timm_hub_folder(published, checkpoint, cifar_tiny, tmp_p
     assert config['model_args']['depth'] == 1 and not {'num_classes', 'global_pool', 'in_chans'} & set(config['model_args'])
     pcfg = config['pretrained_cfg']
     assert pcfg['tag'] == 'olahtest'
+    assert 'description' not in pcfg  # an unregistered tag: the model's default tag describes other weights
     assert pcfg['input_size'] == [3, 32, 32] and pcfg['crop_pct'] == 1.0
     assert pcfg['mean'] == pytest.approx([0.4914, 0.4822, 0.4465]) and pcfg['std'] == pytest.approx([0.247, 0.2435, 0.2616])
     # EMA weights are what gets published when the checkpoint has them
@@ -344,7 +345,7 @@ def test_registry_tag_describes_its_published_folder(folder):
     assert cfg['hf_hub_id'] == f'aft-vit/{folder.name}'
     reference = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()  # timm reads config.json
     for key in ('num_classes', 'input_size', 'mean', 'std', 'crop_pct', 'interpolation', 'label_names',
-                'label_descriptions'):
+                'label_descriptions', 'description'):
         assert _same(cfg.get(key), reference.pretrained_cfg.get(key)), key
     assert reference.pretrained_cfg.get('label_names'), 'the published config has no label names'
     loaded = timm.create_model(folder.name, pretrained=True,
