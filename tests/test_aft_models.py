@@ -18,7 +18,8 @@ PAPER_PARAMS = {
     'aft_conv_base_k25': 79.7,
 }
 IMAGENET_MODELS = sorted(PAPER_PARAMS) + ['aft_simple_tiny', 'aft_simple_small', 'aft_local_tiny', 'aft_local_small']
-SMALL_IMAGE_MODELS = {'aft_conv_tiny_patch4_32': 'cifar10', 'aft_conv_tiny_stem4_32': 'cifar10'}  # -> default tag
+SMALL_IMAGE_MODELS = {'aft_conv_tiny_patch4_32': 'cifar10', 'aft_conv_tiny_stem4_32': 'cifar10',  # -> default tag
+                      'aft_conv_tiny_stem8_32': 'untrained'}
 ALL_MODELS = IMAGENET_MODELS + sorted(SMALL_IMAGE_MODELS)
 TOKEN_MODELS = ['aft_full_tiny', 'aft_local_tiny', 'aft_simple_tiny']
 SMALL = dict(depth=2)  # architecture kept, fewer blocks: fast tests
@@ -66,6 +67,15 @@ def test_conv_stem_keeps_the_patch_grid():
         assert stem.forward_features(x).shape == patch.forward_features(x).shape == (2, size[0] * size[1] // 16, 192)
     with pytest.raises(ValueError, match='pass patch_size=4'):
         timm.create_model('aft_conv_tiny_stem4_32', patch_size=8)
+
+
+def test_stride8_stem_makes_8px_patch_tokens():
+    """The three-layer stem gives the token grid of 8 px patches (4 x 4 at 32 px), at any multiple of 8."""
+    stem = timm.create_model('aft_conv_tiny_stem8_32', depth=1).eval()
+    for size in ((32, 32), (48, 64)):
+        assert stem.forward_features(torch.randn(2, 3, *size)).shape == (2, size[0] * size[1] // 64, 192)
+    with pytest.raises(ValueError, match='pass patch_size=8'):
+        timm.create_model('aft_conv_tiny_stem8_32', patch_size=4)
 
 
 def test_create_model_arguments():

@@ -365,7 +365,7 @@ def test_imagenet_recipes_cover_every_model_with_deits_recipe():
     imagenet = ROOT / 'recipes' / 'imagenet'
     for name in timm.list_models('aft_*'):
         if timm.get_pretrained_cfg(name).num_classes != 1000:  # a small-image architecture: its data's recipes
-            assert list((ROOT / 'recipes').glob(f'*/{name}.yaml')), f'no recipe for {name}'
+            assert list((ROOT / 'recipes').glob(f'*/{name}.*yaml')), f'no recipe for {name}'
             continue
         cfg = yaml.safe_load((imagenet / f'{name}.yaml').read_text())
         assert cfg['model'] == name and cfg['img_size'] == 224

@@ -653,6 +653,10 @@ default_cfgs = generate_default_cfgs({
         first_conv='patch_embed.backbone.0.conv',
         description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px: one 27-epoch schedule in a few '
                     'minutes of a lent NVIDIA H200 (README "Results"); below the CPU-trained .cifar10 tag.'),
+    # CIFAR-10's classes and statistics, as the weights it is being trained for (README "Results") will have
+    'aft_conv_tiny_stem8_32.untrained': _conv_cfg(
+        num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+        first_conv='patch_embed.backbone.0.conv'),
     'aft_conv_tiny_h192.untrained': _conv_cfg(),
     'aft_conv_small.untrained': _conv_cfg(),
     'aft_conv_small_h384.untrained': _conv_cfg(),
@@ -703,6 +707,17 @@ def aft_conv_tiny_stem4_32(pretrained: bool = False, **kwargs) -> AftVisionTrans
                       num_heads=32, kernel_size=11)
     return _create_aft_vit('aft_conv_tiny_stem4_32', pretrained=pretrained, **dict(model_args, **kwargs))
 
+
+
+@register_model
+def aft_conv_tiny_stem8_32(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
+    """aft_conv_tiny_stem4_32 with a third stride-2 stem layer (24, 48, 96 wide): 4 x 4 tokens at 32 px, which
+    trains ~2.5x faster on a CPU. Not in the paper; it earned its place on CIFAR-10 at equal wall time: +7.0 points
+    of held-out top-1 over the 8 x 8-token model (5 epochs against 2 in ~20 minutes each, results/cifar10/study.md,
+    row aft-combined-patch8-5ep)."""
+    model_args = dict(img_size=32, patch_size=8, stem_channels=(24, 48, 96), embed_dim=192, depth=12, mixer='conv',
+                      num_heads=32, kernel_size=11)
+    return _create_aft_vit('aft_conv_tiny_stem8_32', pretrained=pretrained, **dict(model_args, **kwargs))
 
 @register_model
 def aft_conv_tiny_h192(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
