@@ -73,16 +73,19 @@ def find_runs(root: Path) -> Dict[str, Dict[str, Path]]:
 
 def plot_group(title: str, runs: Dict[str, Path], out: Path) -> Path:
     """One figure for the runs of a group: a column, a row per curve, a line (and colour) per run."""
-    fig, axes = plt.subplots(len(ROWS), 1, figsize=(6, 2.6 * len(ROWS)), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(ROWS), 1, figsize=(6, 2.6 * len(ROWS)), sharex=True, squeeze=False,
+                             layout='constrained')
     axes = [row[0] for row in axes]
     top1_axis = axes[[key for key, _ in ROWS].index('eval_top1')]
     restarted = False
-    for name, folder in runs.items():
+    # beyond the default cycle's 10 colours, tab20's 20 keep every run's line distinct
+    palette = plt.get_cmap('tab20').colors if len(runs) > 10 else [None] * len(runs)
+    for (name, folder), first_color in zip(runs.items(), palette):
         summary = read_summary(folder / 'summary.csv')
         restarts = schedule_restarts(summary.get('lr', []))
         restarted = restarted or bool(restarts)
         epochs = [e + 1 for e in summary['epoch']]
-        color = None
+        color = first_color
         for ax, (key, _) in zip(axes, ROWS):
             if key in summary:
                 line, = ax.plot(epochs, summary[key], marker='o', markersize=3, label=name, color=color)
@@ -97,17 +100,17 @@ def plot_group(title: str, runs: Dict[str, Path], out: Path) -> Path:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_title(title)
-    axes[0].legend(fontsize=7)
-    if top1_axis.get_legend_handles_labels()[0]:
-        top1_axis.legend(fontsize=7)
+    legend = {}  # one entry per run (and per final evaluation), beside the axes: never over the curves
+    for ax in axes:
+        legend.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(list(legend.values()), list(legend), loc='outside right upper', fontsize=7)
     if restarted:
         axes[-1].text(0.98, 0.02, 'dotted: resumed with a longer schedule', transform=axes[-1].transAxes,
                       ha='right', va='bottom', fontsize=7, alpha=0.7)
     axes[-1].set_xlabel('epoch')
     axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches='tight')
     plt.close(fig)
     return out
 

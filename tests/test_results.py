@@ -1,6 +1,7 @@
 """The committed recipe-study tables are what their rows' own files compute, and the study runner resumes a
 stopped row instead of starting it again."""
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -27,7 +28,7 @@ def test_study_table_is_computed_from_its_rows(study_yaml):
         assert row.get('base') is None or row['base'] in {r['name'] for r in study['rows']}, row['name']
         command = _study_module().row_command(study, row, ROOT / 'output' / 'unused' / row['name'])
         args = parse_args(command[2:])  # aft-vit train takes the row: its recipe exists, its arguments parse
-        assert args.epochs == study['epochs'] and args.val_split == study['val_split'], row['name']
+        assert args.epochs == row.get('epochs', study['epochs']) and args.val_split == study['val_split'], row['name']
 
 
 def test_a_stopped_row_resumes_and_a_finished_one_is_not_run_again(tmp_path, monkeypatch):
@@ -42,5 +43,12 @@ def test_a_stopped_row_resumes_and_a_finished_one_is_not_run_again(tmp_path, mon
     (out / 'last.pth.tar').write_bytes(b'')
     assert study_mod.row_command(study, row, out)[-2:] == ['--resume', str(out / 'last.pth.tar')]
     (out / 'summary.csv').write_text('epoch,train_loss\n0,2.0\n1,1.5\n')
+    (out / 'args.yaml').write_text('epochs: 2\n')
+    (out / 'wall.json').write_text('[]')
     monkeypatch.setattr(study_mod.subprocess, 'run', lambda *a, **k: pytest.fail('a finished row was run again'))
     study_mod.run_row(study, row, out, tmp_path / 'record')
+    assert sorted(p.name for p in (tmp_path / 'record').iterdir()) == ['args.yaml', 'summary.csv', 'wall.json']
+    calls = []
+    monkeypatch.setattr(study_mod.subprocess, 'run', lambda cmd, **k: calls.append(cmd) or SimpleNamespace(returncode=0))
+    study_mod.run_row(study, dict(row, epochs=3), out, tmp_path / 'record')  # its own budget: 2 epochs are not all
+    assert calls[0][calls[0].index('--epochs') + 1] == '3' and calls[0][-2:] == ['--resume', str(out / 'last.pth.tar')]
