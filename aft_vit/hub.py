@@ -179,7 +179,7 @@ def tag_description(architecture: str, tag: str) -> Optional[str]:
         cfg = get_pretrained_cfg(f'{architecture}.{tag}')
     except RuntimeError:  # a tag the registry does not know (yet)
         return None
-    return getattr(cfg, 'description', None) if cfg is not None else None
+    return getattr(cfg, 'description', None)  # cfg is None for an architecture timm does not know
 
 
 def save_hub_files(model: torch.nn.Module, folder: Path, tag: str, label_names: Optional[Sequence[str]],
