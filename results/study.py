@@ -83,7 +83,8 @@ def table(study: Dict[str, Any], rows: List[Dict[str, Any]], results: Path) -> s
              f'`{study["val_split"]}` split, the final epoch, EMA where the row uses it. Written by `python '
              'results/study.py`; each row\'s summary.csv, args.yaml and wall.json (wall time and processor of every '
              'session) are in its folder.', '',
-             '| row | what changes | epochs | holdout top-1 | vs base row | train img/s | wall time (min) | processor |',
+             '| row | what changes | epochs | holdout top-1 | vs base row | train img/s | wall time (min) '
+             '| processor |',
              '| --- | --- | --- | --- | --- | --- | --- | --- |']
     tops: Dict[str, float] = {}
     for row in rows:
@@ -100,8 +101,8 @@ def table(study: Dict[str, Any], rows: List[Dict[str, Any]], results: Path) -> s
         sessions = json.loads((results / row['name'] / 'wall.json').read_text())
         minutes = sum(s['seconds'] for s in sessions) / 60
         machines = ', '.join(sorted({s['machine'] for s in sessions}))
-        lines.append(f'| {row["name"]} | {row["what"]} | {epochs} | {top1:.2f} | {change} {row.get("base", "")} | {rate:.1f} | '
-                     f'{minutes:.1f} | {machines} |')
+        lines.append(f'| {row["name"]} | {row["what"]} | {epochs} | {top1:.2f} | {change} {row.get("base", "")} | '
+                     f'{rate:.1f} | {minutes:.1f} | {machines} |')
     return '\n'.join(lines) + '\n'
 
 

@@ -49,6 +49,11 @@ def test_a_stopped_row_resumes_and_a_finished_one_is_not_run_again(tmp_path, mon
     study_mod.run_row(study, row, out, tmp_path / 'record')
     assert sorted(p.name for p in (tmp_path / 'record').iterdir()) == ['args.yaml', 'summary.csv', 'wall.json']
     calls = []
-    monkeypatch.setattr(study_mod.subprocess, 'run', lambda cmd, **k: calls.append(cmd) or SimpleNamespace(returncode=0))
+
+    def ran(cmd, **kwargs):
+        calls.append(cmd)
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(study_mod.subprocess, 'run', ran)
     study_mod.run_row(study, dict(row, epochs=3), out, tmp_path / 'record')  # its own budget: 2 epochs are not all
     assert calls[0][calls[0].index('--epochs') + 1] == '3' and calls[0][-2:] == ['--resume', str(out / 'last.pth.tar')]

@@ -708,7 +708,6 @@ def aft_conv_tiny_stem4_32(pretrained: bool = False, **kwargs) -> AftVisionTrans
     return _create_aft_vit('aft_conv_tiny_stem4_32', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
-
 @register_model
 def aft_conv_tiny_stem8_32(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
     """aft_conv_tiny_stem4_32 with a third stride-2 stem layer (24, 48, 96 wide): 4 x 4 tokens at 32 px, which
@@ -718,6 +717,7 @@ def aft_conv_tiny_stem8_32(pretrained: bool = False, **kwargs) -> AftVisionTrans
     model_args = dict(img_size=32, patch_size=8, stem_channels=(24, 48, 96), embed_dim=192, depth=12, mixer='conv',
                       num_heads=32, kernel_size=11)
     return _create_aft_vit('aft_conv_tiny_stem8_32', pretrained=pretrained, **dict(model_args, **kwargs))
+
 
 @register_model
 def aft_conv_tiny_h192(pretrained: bool = False, **kwargs) -> AftVisionTransformer:
