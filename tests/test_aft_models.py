@@ -19,7 +19,7 @@ PAPER_PARAMS = {
 }
 IMAGENET_MODELS = sorted(PAPER_PARAMS) + ['aft_simple_tiny', 'aft_simple_small', 'aft_local_tiny', 'aft_local_small']
 SMALL_IMAGE_MODELS = {'aft_conv_tiny_patch4_32': 'cifar10', 'aft_conv_tiny_stem4_32': 'cifar10',  # -> default tag
-                      'aft_conv_tiny_stem8_32': 'untrained'}
+                      'aft_conv_tiny_stem8_32': 'cifar10'}
 ALL_MODELS = IMAGENET_MODELS + sorted(SMALL_IMAGE_MODELS)
 TOKEN_MODELS = ['aft_full_tiny', 'aft_local_tiny', 'aft_simple_tiny']
 SMALL = dict(depth=2)  # architecture kept, fewer blocks: fast tests
