@@ -622,6 +622,12 @@ def _conv_cfg(**kwargs) -> Dict[str, Any]:
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+
+
+def _cifar10_cfg(**kwargs) -> Dict[str, Any]:
+    """An AFT-conv tag trained on CIFAR-10 at 32 px: its classes, statistics and input, shared by every such tag."""
+    return _conv_cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                     label_names=CIFAR10_CLASSES, **kwargs)
 IMAGENETTE_WNIDS = ('n01440764', 'n02102040', 'n02979186', 'n03000684', 'n03028079', 'n03394916', 'n03417042',
                     'n03425413', 'n03445777', 'n03888257')
 
@@ -638,24 +644,19 @@ default_cfgs = generate_default_cfgs({
         label_names=IMAGENETTE_WNIDS, label_descriptions=imagenet_descriptions(IMAGENETTE_WNIDS),
         description='Trained from scratch on Imagenette at 128 px (2-core CPU budget).'),
     'aft_conv_tiny.untrained*': _conv_cfg(),  # '*': the default tag, although the one above has weights
-    'aft_conv_tiny_patch4_32.cifar10': _conv_cfg(
-        hf_hub_id='aft-vit/aft_conv_tiny_patch4_32.cifar10', num_classes=10, input_size=(3, 32, 32), crop_pct=1.0,
-        mean=CIFAR10_MEAN, std=CIFAR10_STD, label_names=CIFAR10_CLASSES,
+    'aft_conv_tiny_patch4_32.cifar10': _cifar10_cfg(
+        hf_hub_id='aft-vit/aft_conv_tiny_patch4_32.cifar10',
         description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px (2-core CPU budget).'),
-    'aft_conv_tiny_stem4_32.cifar10': _conv_cfg(
-        hf_hub_id='aft-vit/aft_conv_tiny_stem4_32.cifar10', num_classes=10, input_size=(3, 32, 32), crop_pct=1.0,
-        mean=CIFAR10_MEAN, std=CIFAR10_STD, label_names=CIFAR10_CLASSES, first_conv='patch_embed.backbone.0.conv',
+    'aft_conv_tiny_stem4_32.cifar10': _cifar10_cfg(
+        hf_hub_id='aft-vit/aft_conv_tiny_stem4_32.cifar10', first_conv='patch_embed.backbone.0.conv',
         description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px: one 32-epoch schedule on a 2-core CPU '
                     '(long run 2, README "Results").'),
-    'aft_conv_tiny_stem4_32.h200_cifar10': _conv_cfg(
-        hf_hub_id='aft-vit/aft_conv_tiny_stem4_32.h200_cifar10', num_classes=10, input_size=(3, 32, 32),
-        crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD, label_names=CIFAR10_CLASSES,
-        first_conv='patch_embed.backbone.0.conv',
+    'aft_conv_tiny_stem4_32.h200_cifar10': _cifar10_cfg(
+        hf_hub_id='aft-vit/aft_conv_tiny_stem4_32.h200_cifar10', first_conv='patch_embed.backbone.0.conv',
         description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px: one 27-epoch schedule in a few '
                     'minutes of a lent NVIDIA H200 (README "Results"); below the CPU-trained .cifar10 tag.'),
-    'aft_conv_tiny_stem8_32.cifar10': _conv_cfg(
-        hf_hub_id='aft-vit/aft_conv_tiny_stem8_32.cifar10', num_classes=10, input_size=(3, 32, 32), crop_pct=1.0,
-        mean=CIFAR10_MEAN, std=CIFAR10_STD, label_names=CIFAR10_CLASSES, first_conv='patch_embed.backbone.0.conv',
+    'aft_conv_tiny_stem8_32.cifar10': _cifar10_cfg(
+        hf_hub_id='aft-vit/aft_conv_tiny_stem8_32.cifar10', first_conv='patch_embed.backbone.0.conv',
         description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px: one 80-epoch schedule on a 2-core CPU '
                     '(long run 3, README "Results").'),
     'aft_conv_tiny_h192.untrained': _conv_cfg(),
