@@ -17,7 +17,8 @@ PAPER_PARAMS = {
     'aft_conv_small': 20.3, 'aft_conv_small_h384': 22.5, 'aft_conv_small_k15_h384': 23.0,
     'aft_conv_base_k25': 79.7,
 }
-IMAGENET_MODELS = sorted(PAPER_PARAMS) + ['aft_simple_tiny', 'aft_simple_small', 'aft_local_tiny', 'aft_local_small']
+IMAGENET_MODELS = sorted(PAPER_PARAMS) + ['aft_simple_tiny', 'aft_simple_small', 'aft_local_tiny', 'aft_local_small',
+                                          'aft_conv_tiny_stem16_224']
 SMALL_IMAGE_MODELS = {'aft_conv_tiny_patch4_32': 'cifar10', 'aft_conv_tiny_stem4_32': 'cifar10',  # -> default tag
                       'aft_conv_tiny_stem8_32': 'cifar10'}
 ALL_MODELS = IMAGENET_MODELS + sorted(SMALL_IMAGE_MODELS)
@@ -76,6 +77,16 @@ def test_stride8_stem_makes_8px_patch_tokens():
         assert stem.forward_features(torch.randn(2, 3, *size)).shape == (2, size[0] * size[1] // 64, 192)
     with pytest.raises(ValueError, match='pass patch_size=8'):
         timm.create_model('aft_conv_tiny_stem8_32', patch_size=4)
+
+
+def test_stride16_stem_is_aft_conv_tiny_with_the_study_stem():
+    """aft_conv_tiny_stem16_224 is the Imagenette study's aft-stem row (aft_conv_tiny with a four-layer stem), so its
+    checkpoints load either way; it makes 16 px patch tokens at any multiple of 16."""
+    stem = timm.create_model('aft_conv_tiny_stem16_224', depth=1).eval()
+    study_row = timm.create_model('aft_conv_tiny', depth=1, stem_channels=(24, 48, 96, 192))
+    assert {k: v.shape for k, v in stem.state_dict().items()} == {k: v.shape for k, v in study_row.state_dict().items()}
+    for size in ((128, 128), (96, 160)):
+        assert stem.forward_features(torch.randn(1, 3, *size)).shape == (1, size[0] * size[1] // 256, 192)
 
 
 def test_create_model_arguments():
