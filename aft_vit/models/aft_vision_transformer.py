@@ -618,6 +618,9 @@ def _conv_cfg(**kwargs) -> Dict[str, Any]:
     return _cfg(fixed_input_size=False, **kwargs)
 
 
+# The first convolution of the conv-stem variants (conv_stem_embed: timm's ConvStem inside a HybridEmbed)
+CONV_STEM_FIRST_CONV = 'patch_embed.backbone.0.conv'
+
 # The small datasets the published weights were trained on (../shared/data/README.md): class folders in sorted order.
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -648,18 +651,18 @@ default_cfgs = generate_default_cfgs({
         hf_hub_id='aft-vit/aft_conv_tiny_patch4_32.cifar10',
         description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px (2-core CPU budget).'),
     'aft_conv_tiny_stem4_32.cifar10': _cifar10_cfg(
-        hf_hub_id='aft-vit/aft_conv_tiny_stem4_32.cifar10', first_conv='patch_embed.backbone.0.conv',
+        hf_hub_id='aft-vit/aft_conv_tiny_stem4_32.cifar10', first_conv=CONV_STEM_FIRST_CONV,
         description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px: one 32-epoch schedule on a 2-core CPU '
                     '(long run 2, README "Results").'),
     'aft_conv_tiny_stem4_32.h200_cifar10': _cifar10_cfg(
-        hf_hub_id='aft-vit/aft_conv_tiny_stem4_32.h200_cifar10', first_conv='patch_embed.backbone.0.conv',
+        hf_hub_id='aft-vit/aft_conv_tiny_stem4_32.h200_cifar10', first_conv=CONV_STEM_FIRST_CONV,
         description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px: one 27-epoch schedule in a few '
                     'minutes of a lent NVIDIA H200 (README "Results"); below the CPU-trained .cifar10 tag.'),
     'aft_conv_tiny_stem8_32.cifar10': _cifar10_cfg(
-        hf_hub_id='aft-vit/aft_conv_tiny_stem8_32.cifar10', first_conv='patch_embed.backbone.0.conv',
+        hf_hub_id='aft-vit/aft_conv_tiny_stem8_32.cifar10', first_conv=CONV_STEM_FIRST_CONV,
         description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px: one 80-epoch schedule on a 2-core CPU '
                     '(long run 3, README "Results").'),
-    'aft_conv_tiny_stem16_224.untrained': _conv_cfg(first_conv='patch_embed.backbone.0.conv'),
+    'aft_conv_tiny_stem16_224.untrained': _conv_cfg(first_conv=CONV_STEM_FIRST_CONV),
     'aft_conv_tiny_h192.untrained': _conv_cfg(),
     'aft_conv_small.untrained': _conv_cfg(),
     'aft_conv_small_h384.untrained': _conv_cfg(),
