@@ -631,6 +631,8 @@ def _cifar10_cfg(**kwargs) -> Dict[str, Any]:
     """An AFT-conv tag trained on CIFAR-10 at 32 px: its classes, statistics and input, shared by every such tag."""
     return _conv_cfg(num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, mean=CIFAR10_MEAN, std=CIFAR10_STD,
                      label_names=CIFAR10_CLASSES, **kwargs)
+
+
 IMAGENETTE_WNIDS = ('n01440764', 'n02102040', 'n02979186', 'n03000684', 'n03028079', 'n03394916', 'n03417042',
                     'n03425413', 'n03445777', 'n03888257')
 
