@@ -25,6 +25,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROWS = (('train_loss', 'training loss'), ('eval_top1', 'top-1 (%)'), ('lr', 'learning rate'))
+LEGEND_INCHES_PER_CHAR = 0.06  # a 7 pt label character, with the legend's marker and padding spread over it
 
 
 def read_summary(path: Path) -> Dict[str, List[float]]:
@@ -104,6 +105,8 @@ def plot_group(title: str, runs: Dict[str, Path], out: Path) -> Path:
     for ax in axes:
         legend.update(zip(*reversed(ax.get_legend_handles_labels())))
     fig.legend(list(legend.values()), list(legend), loc='outside right upper', fontsize=7)
+    # the legend sits beside the axes: widen the figure by its longest label so the axes keep their 6 inches
+    fig.set_size_inches(6 + LEGEND_INCHES_PER_CHAR * max(map(len, legend), default=0), fig.get_figheight())
     if restarted:
         axes[-1].text(0.98, 0.02, 'dotted: resumed with a longer schedule', transform=axes[-1].transAxes,
                       ha='right', va='bottom', fontsize=7, alpha=0.7)

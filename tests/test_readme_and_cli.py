@@ -75,25 +75,36 @@ def test_results_table_shows_the_measured_results():
             assert len((run / 'summary.csv').read_text().strip().splitlines()) == int(epochs) + 1
 
 
-CIFAR10_RUN_ROWS = re.findall(r'^\| `((?:long|matched|gpu-lease)/[\w-]+)` \| `(\w+)` \| ([\d.]+)M \| (\d+) \| '
-                             r'(?:(\d+) h )?(\d+) min \| '
-                             r'([\d.]+) \| ([\d.]+) \|', README, flags=re.M)
+# The final evaluation each dataset's runs are reported by: its json, split and size
+RUN_EVALUATIONS = {'cifar10': ('eval_32.json', 'test', 10000), 'imagenette': ('eval_224.json', 'val', 3925)}
 
 
-def test_readme_shows_the_cifar10_long_run():
-    assert [row for row in CIFAR10_RUN_ROWS if row[0].startswith('long/')], 'no long-run row in README'
+def _run_rows(data: str):
+    """The rows of README's table of ``results/<data>/`` runs (long runs, matched pairs, GPU lease)."""
+    table = re.search(rf'^\| run \(`results/{data}/`\) \|.*?\n\n', README, flags=re.M | re.S).group(0)
+    return re.findall(r'^\| `((?:long|matched|gpu-lease)\w*/[\w-]+)` \| `(\w+)` \| ([\d.]+)M \| (\d+) \| '
+                      r'(?:(\d+) h )?(\d+) min \| ([\d.]+) \| ([\d.]+) \|', table, flags=re.M)
 
 
-@pytest.mark.parametrize('row', CIFAR10_RUN_ROWS, ids=lambda row: row[0])
-def test_cifar10_run_row_is_what_the_run_recorded(row):
-    """A README row of the CIFAR-10 long run / matched pair: the test top-1/top-5 of eval_32.json, the epochs and
-    summed train_seconds of summary.csv, the model, its parameter count and recipe from args.yaml; and the schedule
-    is one warm-up and one decay (no restart)."""
-    run, model, params, epochs, hours, minutes, top1, top5 = row
-    folder = ROOT / 'results' / 'cifar10' / run
-    measured = json.loads((folder / 'eval_32.json').read_text())
+RUN_ROWS = [(data, *row) for data in RUN_EVALUATIONS for row in _run_rows(data)]
+
+
+@pytest.mark.parametrize('data', sorted(RUN_EVALUATIONS))
+def test_readme_shows_the_long_run(data):
+    assert [row for row in _run_rows(data) if row[0].startswith('long')], f'no {data} long-run row in README'
+
+
+@pytest.mark.parametrize('row', RUN_ROWS, ids=lambda row: f'{row[0]}/{row[1]}')
+def test_run_row_is_what_the_run_recorded(row):
+    """A README row of a long run / matched pair: the top-1/top-5 of its final evaluation, the epochs and summed
+    train_seconds of summary.csv, the model, its parameter count and recipe from args.yaml; and the schedule is
+    one warm-up and one decay (no restart)."""
+    data, run, model, params, epochs, hours, minutes, top1, top5 = row
+    folder = ROOT / 'results' / data / run
+    eval_file, split, images = RUN_EVALUATIONS[data]
+    measured = json.loads((folder / eval_file).read_text())
     assert (top1, top5) == (f'{measured["top1"]:.2f}', f'{measured["top5"]:.2f}')
-    assert Path(measured['split']).name == 'test' and measured['images'] == 10000
+    assert Path(measured['split']).name == split and measured['images'] == images
     args = yaml.safe_load((folder / 'args.yaml').read_text())
     assert (args['model'], args['experiment'], args['epochs']) == (model, folder.name, int(epochs))
     assert f'--config {args["config"]}' in README

@@ -664,7 +664,13 @@ default_cfgs = generate_default_cfgs({
         hf_hub_id='aft-vit/aft_conv_tiny_stem8_32.cifar10', first_conv=CONV_STEM_FIRST_CONV,
         description='Trained from scratch on CIFAR-10 (JPEG q75 copy) at 32 px: one 80-epoch schedule on a 2-core CPU '
                     '(long run 3, README "Results").'),
-    'aft_conv_tiny_stem16_224.untrained': _conv_cfg(first_conv=CONV_STEM_FIRST_CONV),
+    'aft_conv_tiny_stem16_224.imagenette': _conv_cfg(
+        hf_hub_id='aft-vit/aft_conv_tiny_stem16_224.imagenette', num_classes=10, crop_pct=0.875,
+        label_names=IMAGENETTE_WNIDS, label_descriptions=imagenet_descriptions(IMAGENETTE_WNIDS),
+        first_conv=CONV_STEM_FIRST_CONV,
+        description='Trained from scratch on Imagenette at 128, 160, then 224 px: one 84-epoch schedule on a '
+                    '2-core CPU (README "Results").'),
+    'aft_conv_tiny_stem16_224.untrained*': _conv_cfg(first_conv=CONV_STEM_FIRST_CONV),  # ImageNet-1k config
     'aft_conv_tiny_h192.untrained': _conv_cfg(),
     'aft_conv_small.untrained': _conv_cfg(),
     'aft_conv_small_h384.untrained': _conv_cfg(),
