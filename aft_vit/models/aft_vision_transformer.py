@@ -670,7 +670,7 @@ default_cfgs = generate_default_cfgs({
         first_conv=CONV_STEM_FIRST_CONV,
         description='Trained from scratch on Imagenette at 128, 160, then 224 px: one 84-epoch schedule on a '
                     '2-core CPU (README "Results").'),
-    'aft_conv_tiny_stem16_224.untrained*': _conv_cfg(first_conv=CONV_STEM_FIRST_CONV),  # ImageNet-1k config
+    'aft_conv_tiny_stem16_224.untrained*': _conv_cfg(first_conv=CONV_STEM_FIRST_CONV),  # default: ImageNet-1k config
     'aft_conv_tiny_h192.untrained': _conv_cfg(),
     'aft_conv_small.untrained': _conv_cfg(),
     'aft_conv_small_h384.untrained': _conv_cfg(),
