@@ -1,7 +1,8 @@
-"""AFT-conv reuses what it derives from its kernel while the kernel is unchanged, and notices every change.
+"""AFT-conv reuses what it derives from its kernel while the kernel is unchanged, and notices every change;
+AFT-full and AFT-local do the same with their exp-space bias.
 
 The reference each time is the same mixer with the cache out of play: under autograd with parameters
-that require grad, AftConv recomputes the kernel and its dense weights on every call.
+that require grad, a mixer recomputes what it derives from them on every call.
 """
 import copy
 import pickle
@@ -9,10 +10,10 @@ import pickle
 import pytest
 import torch
 
-from aft_vit.layers import AftConv
+from aft_vit.layers import AftConv, AftFull, AftLocal
 from aft_vit.layers import functional
 from aft_vit.layers.dense import _dense_ops, _DenseAft
-from aft_vit.layers.functional import conv_window_weights
+from aft_vit.layers.functional import conv_window_weights, full_bias_weights
 
 GRID = (6, 5)
 
@@ -155,3 +156,55 @@ def test_hand_written_backward_matches_autograd(heads, shared):
         results.append((out, *torch.autograd.grad(out, (q, k, v, w), grad)))
     for ours, reference in zip(*results):
         torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+
+
+def _bias_mixer(cls, seed: int = 0):
+    """An AFT-full / AFT-local mixer with a class token and bias factors far from their near-zero init, so that a
+    stale bias would show in the output."""
+    torch.manual_seed(seed)
+    kwargs = {'window': 3} if cls is AftLocal else {}
+    mixer = cls(dim=16, grid_size=GRID, num_prefix_tokens=1, bias_rank=4, **kwargs)
+    with torch.no_grad():
+        mixer.pos_bias_u.normal_()
+        mixer.pos_bias_v.normal_()
+    return mixer.eval()
+
+
+@pytest.mark.parametrize('cls', [AftFull, AftLocal])
+def test_full_and_local_build_their_bias_once_per_grid(cls, monkeypatch):
+    calls = []
+
+    def counting(pos_bias):
+        calls.append(pos_bias.shape[0])
+        return full_bias_weights(pos_bias)
+    monkeypatch.setattr('aft_vit.layers.mixers.full_bias_weights', counting)
+    mixer, x = _bias_mixer(cls), torch.randn(2, 31, 16)
+    first = _cached(mixer, x)
+    for _ in range(2):
+        assert torch.equal(_cached(mixer, x), first)
+    _cached(mixer, torch.randn(1, 13, 16), (3, 4))  # another grid: the factors resampled, a second entry
+    _cached(mixer, x)
+    assert calls == [31, 13]
+    torch.testing.assert_close(first, _uncached(mixer, x), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('cls', [AftFull, AftLocal])
+def test_full_and_local_notice_a_step_a_load_and_a_move(cls):
+    mixer, x = _bias_mixer(cls), torch.randn(2, 31, 16)
+    before = _cached(mixer, x)
+    optimizer = torch.optim.SGD(mixer.parameters(), lr=0.5)
+    mixer.train()
+    mixer(x, GRID).square().sum().backward()
+    optimizer.step()
+    mixer.eval()
+    stepped = _cached(mixer, x)
+    assert not torch.allclose(stepped, before, atol=1e-4)
+    torch.testing.assert_close(stepped, _uncached(mixer, x), rtol=1e-6, atol=1e-7)
+    other = _bias_mixer(cls, seed=1)
+    mixer.load_state_dict(other.state_dict())
+    torch.testing.assert_close(_cached(mixer, x), _cached(other, x), rtol=0, atol=0)
+    mixer.to(torch.float64)
+    torch.testing.assert_close(_cached(mixer, x.double()), _uncached(mixer, x.double()), rtol=1e-12, atol=1e-14)
+    keys = set(mixer.state_dict())
+    assert mixer._derived._entries and set(mixer.state_dict()) == keys
+    assert not copy.deepcopy(mixer)._derived._entries

@@ -7,7 +7,8 @@ __all__ = ['ParameterDerivedCache']
 
 
 class ParameterDerivedCache:
-    """Tensors computed from parameters (AFT-conv's dense window weights), rebuilt only when those change.
+    """Tensors computed from parameters (AFT-conv's dense window weights, AFT-full's exp-space bias), rebuilt only
+    when those change.
 
     A parameter changes by an in-place update (an optimizer step, ``load_state_dict``, an EMA update: its
     version counter moves) or by being replaced (``.to()``, ``.half()``, assigning ``.data``: its storage

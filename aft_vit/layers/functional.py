@@ -35,8 +35,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .dense import aft_dense, positive_weights
 
-__all__ = ['aft_full', 'aft_simple', 'aft_local', 'aft_conv2d', 'aft_conv2d_dense', 'conv_window_weights',
-           'dense_is_cheaper', 'is_exporting', 'local_window_mask', 'local_window_mask_2d']
+__all__ = ['aft_full', 'aft_full_dense', 'aft_simple', 'aft_local', 'aft_conv2d', 'aft_conv2d_dense',
+           'conv_window_weights', 'dense_is_cheaper', 'full_bias_weights', 'is_exporting', 'local_window_mask',
+           'local_window_mask_2d']
 
 
 def _check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -112,10 +113,30 @@ def aft_full(
     _check_pos_bias('aft_full', q, pos_bias)
     if causal:
         return torch.sigmoid(q) * _causal_bias_weighted_mean(k, v, pos_bias)
-    # the paper's shifts: K's max over tokens (inside aft_dense) and each row's max of w; every channel
-    # is its own head (h = C, d = 1) and all share the one (T, T) weight matrix
+    return aft_dense(q, k, v, full_bias_weights(pos_bias))
+
+
+def full_bias_weights(pos_bias: torch.Tensor) -> torch.Tensor:
+    """The (1, T, T) key-by-query weights ``exp(w[t, t'] - max_t' w[t, t'])`` that :func:`aft_full` multiplies by.
+
+    The paper's shifts: each row's max of w here, K's max over tokens inside the product; both cancel. Every
+    channel is its own head (h = C, d = 1) and all share this one matrix. Depends on the bias alone: a mixer in
+    inference builds it once and reuses it (:func:`aft_full_dense`).
+    """
     exp_w = torch.exp(pos_bias - pos_bias.detach().amax(dim=1, keepdim=True))
-    return aft_dense(q, k, v, positive_weights(exp_w).t().unsqueeze(0))
+    return positive_weights(exp_w).t().unsqueeze(0)
+
+
+@register_notrace_function
+def aft_full_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Non-causal :func:`aft_full` on precomputed ``weights`` from :func:`full_bias_weights`, for mixers that
+    reuse them while the bias is unchanged."""
+    _check_qkv('aft_full_dense', q, k, v)
+    num_tokens = q.shape[1]
+    if weights.shape != (1, num_tokens, num_tokens):
+        raise ValueError(
+            f'aft_full_dense: weights must be (1, T, T) = (1, {num_tokens}, {num_tokens}), got {weights.shape}')
+    return aft_dense(q, k, v, weights)
 
 
 @register_notrace_function

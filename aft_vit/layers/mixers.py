@@ -7,7 +7,7 @@ resolution. Queries, keys and values come from one fused ``qkv`` linear layer
 """
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, ClassVar, Dict, Tuple, Type
+from typing import Callable, ClassVar, Dict, List, Tuple, Type
 
 import torch
 import torch.fx
@@ -16,8 +16,8 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 
 from .cache import ParameterDerivedCache
 from .functional import (
-    aft_conv2d, aft_conv2d_dense, aft_full, aft_simple, conv_window_weights, dense_is_cheaper, is_exporting,
-    local_window_mask_2d)
+    aft_conv2d, aft_conv2d_dense, aft_full, aft_full_dense, aft_simple, conv_window_weights, dense_is_cheaper,
+    full_bias_weights, is_exporting, local_window_mask_2d)
 
 __all__ = ['AftMixer', 'AftFull', 'AftLocal', 'AftSimple', 'AftConv', 'MixerArgs', 'MIXERS', 'get_mixer']
 
@@ -93,6 +93,16 @@ class AftMixer(nn.Module):
         """One line for ``aft-vit models``."""
         raise NotImplementedError
 
+    @torch.jit.unused
+    def _params_are_constant(self, params: List[torch.Tensor]) -> bool:
+        """No gradient flows to ``params`` (inference, frozen weights) and no tracer records the forward: then
+        what is derived from them alone can be reused until they change. Under torch.compile the graph derives it
+        on every call instead: a cache lookup would break the graph at every block, which measured slower than
+        recomputing (benchmarks/README.md)."""
+        if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or is_exporting():
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+
     def _project_in(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self.qkv(x).split([self.dim, self.key_dim, self.dim], dim=-1)
         return q, k, v
@@ -150,6 +160,7 @@ class AftFull(AftMixer, name='full'):
         num_tokens = num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
         self.pos_bias_u = nn.Parameter(torch.empty(num_tokens, bias_rank, **dd))
         self.pos_bias_v = nn.Parameter(torch.empty(num_tokens, bias_rank, **dd))
+        self._derived = ParameterDerivedCache()
         self.init_weights()
 
     @classmethod
@@ -196,7 +207,19 @@ class AftFull(AftMixer, name='full'):
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         q, k, v = self._project_in(x)
+        if not torch.jit.is_scripting() and self._params_are_constant([self.pos_bias_u, self.pos_bias_v]):
+            return self._project_out(self._mix_reusing_bias(q, k, v, feat_size))
         return self._project_out(aft_full(q, k, v, self.position_bias(feat_size)))
+
+    @torch.jit.unused
+    def _mix_reusing_bias(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          feat_size: Tuple[int, int]) -> torch.Tensor:
+        """:func:`aft_full` with the exp-space bias of each grid built once: the rank-r product, the window (for
+        AFT-local) and the exp are the same on every call until ``pos_bias_u`` / ``pos_bias_v`` change."""
+        grid = (int(feat_size[0]), int(feat_size[1]))
+        weights = self._derived.get(
+            (self.pos_bias_u, self.pos_bias_v), grid, lambda: full_bias_weights(self.position_bias(grid)))
+        return aft_full_dense(q, k, v, weights)
 
 
 class AftLocal(AftFull, name='local'):
@@ -296,13 +319,8 @@ class AftConv(AftMixer, name='conv'):
 
     @torch.jit.unused
     def _kernel_is_constant(self) -> bool:
-        """No gradient flows to the kernel (inference, frozen weights) and no tracer records the forward:
-        then what is derived from the kernel can be reused until the kernel's parameters change. Under
-        torch.compile the graph derives it on every call instead: a cache lookup would break the graph at
-        every block, which measured slower than recomputing (benchmarks/README.md)."""
-        if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or is_exporting():
-            return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self._kernel_params()))
+        """What is derived from the kernel may be reused (:meth:`AftMixer._params_are_constant`)."""
+        return self._params_are_constant(list(self._kernel_params()))
 
     @torch.jit.unused
     def _mix_reusing_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
