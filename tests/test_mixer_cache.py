@@ -208,3 +208,13 @@ def test_full_and_local_notice_a_step_a_load_and_a_move(cls):
     keys = set(mixer.state_dict())
     assert mixer._derived._entries and set(mixer.state_dict()) == keys
     assert not copy.deepcopy(mixer)._derived._entries
+
+
+@pytest.mark.parametrize('cls', [AftFull, AftLocal])
+def test_a_bias_built_under_autocast_is_the_full_precision_one(cls):
+    """The rank-r product would run in bfloat16 under autocast: the cache builds outside it, so the entry does not
+    depend on which call came first."""
+    mixer, x = _bias_mixer(cls), torch.randn(2, 31, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        _cached(mixer, x)
+    torch.testing.assert_close(_cached(mixer, x), _cached(_bias_mixer(cls), x), rtol=0, atol=0)

@@ -3,6 +3,8 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .dense import _autocast_off
+
 __all__ = ['ParameterDerivedCache']
 
 
@@ -40,13 +42,14 @@ class ParameterDerivedCache:
         """The tensor stored under ``key`` if ``params`` are unchanged since it was built, else ``build()``'s.
 
         ``build`` runs without autograd and outside inference mode, so its result may be saved for backward
-        by a later step that only needs gradients of other inputs.
+        by a later step that only needs gradients of other inputs, and outside autocast, so the entry is in the
+        parameters' own precision whichever call built it.
         """
         if not self._unchanged(params):
             self._entries = {}
             self._sources = [(p.detach(), p._version) for p in params]
         if key not in self._entries:
-            with torch.inference_mode(False), torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad(), _autocast_off(params[0].device.type):
                 self._entries[key] = build()
         return self._entries[key]
 
