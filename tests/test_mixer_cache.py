@@ -63,14 +63,19 @@ def test_inference_builds_the_weights_once_per_grid(monkeypatch):
     torch.testing.assert_close(first, _uncached(mixer, x), rtol=1e-6, atol=1e-7)
 
 
-def test_an_optimizer_step_is_noticed():
-    mixer, x = _mixer(), torch.randn(2, 30, 16)
-    before = _cached(mixer, x)
-    mixer.train()
+def _take_a_training_step(mixer, x: torch.Tensor) -> None:
+    """One SGD step on every parameter of ``mixer`` (left in eval mode, as found)."""
     optimizer = torch.optim.SGD(mixer.parameters(), lr=0.5)
+    mixer.train()
     mixer(x, GRID).square().sum().backward()
     optimizer.step()
     mixer.eval()
+
+
+def test_an_optimizer_step_is_noticed():
+    mixer, x = _mixer(), torch.randn(2, 30, 16)
+    before = _cached(mixer, x)
+    _take_a_training_step(mixer, x)
     after = _cached(mixer, x)
     assert not torch.allclose(after, before, atol=1e-4)
     torch.testing.assert_close(after, _uncached(mixer, x), rtol=1e-6, atol=1e-7)
@@ -192,11 +197,7 @@ def test_full_and_local_build_their_bias_once_per_grid(cls, monkeypatch):
 def test_full_and_local_notice_a_step_a_load_and_a_move(cls):
     mixer, x = _bias_mixer(cls), torch.randn(2, 31, 16)
     before = _cached(mixer, x)
-    optimizer = torch.optim.SGD(mixer.parameters(), lr=0.5)
-    mixer.train()
-    mixer(x, GRID).square().sum().backward()
-    optimizer.step()
-    mixer.eval()
+    _take_a_training_step(mixer, x)
     stepped = _cached(mixer, x)
     assert not torch.allclose(stepped, before, atol=1e-4)
     torch.testing.assert_close(stepped, _uncached(mixer, x), rtol=1e-6, atol=1e-7)
