@@ -205,9 +205,13 @@ class AftFull(AftMixer, name='full'):
         """Where the bias applies: everywhere for AFT-full (AFT-local overrides)."""
         return bias
 
+    def _bias_params(self) -> List[torch.Tensor]:
+        """The parameters the bias is computed from."""
+        return [self.pos_bias_u, self.pos_bias_v]
+
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         q, k, v = self._project_in(x)
-        if not torch.jit.is_scripting() and self._params_are_constant([self.pos_bias_u, self.pos_bias_v]):
+        if not torch.jit.is_scripting() and self._params_are_constant(self._bias_params()):
             return self._project_out(self._mix_reusing_bias(q, k, v, feat_size))
         return self._project_out(aft_full(q, k, v, self.position_bias(feat_size)))
 
@@ -218,7 +222,7 @@ class AftFull(AftMixer, name='full'):
         AFT-local) and the exp are the same on every call until ``pos_bias_u`` / ``pos_bias_v`` change."""
         grid = (int(feat_size[0]), int(feat_size[1]))
         weights = self._derived.get(
-            (self.pos_bias_u, self.pos_bias_v), grid, lambda: full_bias_weights(self.position_bias(grid)))
+            self._bias_params(), grid, lambda: full_bias_weights(self.position_bias(grid)))
         return aft_full_dense(q, k, v, weights)
 
 
@@ -313,14 +317,14 @@ class AftConv(AftMixer, name='conv'):
             x = aft_conv2d(q, k, v, self.position_kernel())
         return self._project_out(x.reshape(batch, -1, self.dim))
 
-    def _kernel_params(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _kernel_params(self) -> List[torch.Tensor]:
         """The parameters the effective kernel is computed from."""
-        return self.kernel, self.kernel_gamma, self.kernel_beta
+        return [self.kernel, self.kernel_gamma, self.kernel_beta]
 
     @torch.jit.unused
     def _kernel_is_constant(self) -> bool:
         """What is derived from the kernel may be reused (:meth:`AftMixer._params_are_constant`)."""
-        return self._params_are_constant(list(self._kernel_params()))
+        return self._params_are_constant(self._kernel_params())
 
     @torch.jit.unused
     def _mix_reusing_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
