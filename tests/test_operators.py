@@ -179,9 +179,12 @@ def test_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(lambda q, k, v: aft_simple(q, k, v, causal=True), (q, k, v))
     assert torch.autograd.gradcheck(lambda q, k, v: aft_simple(q, k, v), (q, k, v))
     assert torch.autograd.gradcheck(lambda *a: aft_local(*a, 2), (q, k, v, w))
-    qc, kc, vc, wc = (x.requires_grad_() for x in _grid(batch=1, height=4, width=3, channels=4, heads=2, size=3))
-    for method in ('conv', 'dense'):
-        assert torch.autograd.gradcheck(lambda *a: aft_conv2d(*a, method=method), (qc, kc, vc, wc))
+    # two channels per head, and one (h = C, as the paper's 192- and 384-head models: the backward's d = 1 case)
+    for channels in (4, 2):
+        qc, kc, vc, wc = (x.requires_grad_()
+                          for x in _grid(batch=1, height=4, width=3, channels=channels, heads=2, size=3))
+        for method in ('conv', 'dense'):
+            assert torch.autograd.gradcheck(lambda *a: aft_conv2d(*a, method=method), (qc, kc, vc, wc))
 
 
 class _ShapeRecorder(TorchDispatchMode):
