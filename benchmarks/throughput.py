@@ -7,10 +7,11 @@ Pairs: deit_tiny_patch16_224 / aft_conv_tiny, deit_small_patch16_224 / aft_conv_
 aft_local_small (timm's vit_small_patch16_224 is the same network as deit_small_patch16_224).
 ``--compile`` adds a column pair: the same models, AFT and DeiT alike, under ``torch.compile``, measured in the
 same interleaved rounds as eager, and their ratio (peak memory is measured eager only).
-Throughput: one process, every model of a resolution built first and warmed up, then measured in interleaved
-rounds (so drifts of the machine hit all models alike); the median of the rounds is reported. Peak memory: a
-fresh process per configuration, its RSS high-water mark above its state right before the first step (CPU), or
-torch's allocator peak (GPU). Ratios are AFT / DeiT at the same resolution, batch and mode.
+Throughput: one process, every model of a resolution built first and warmed up, then measured in interleaved rounds,
+every other one in reverse order (so drifts of the machine, and the state one step leaves to the next, hit all
+models alike); the median of the rounds is reported. Peak memory: a fresh process per configuration, its RSS
+high-water mark above its state right before the first step (CPU), or torch's allocator peak (GPU). Ratios are AFT /
+DeiT at the same resolution, batch and mode.
 """
 import argparse
 import csv
@@ -106,8 +107,10 @@ def measure_throughput(models: List[str], res: int, batches: List[int], modes: L
         steps[cfg]()
     _sync(device)
     times = {cfg: [] for cfg in configs}
-    for _ in range(rounds):
-        for cfg in configs:
+    for round_index in range(rounds):
+        # every other round in reverse: no model always runs at the same place in the round, right after the same
+        # other model (the allocator's and the caches' state it inherits, a drift within a round)
+        for cfg in configs if round_index % 2 == 0 else configs[::-1]:
             def timed():
                 steps[cfg]()
                 _sync(device)

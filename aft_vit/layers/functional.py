@@ -36,8 +36,8 @@ from torch.utils.checkpoint import checkpoint
 from .dense import aft_dense, positive_weights
 
 __all__ = ['aft_full', 'aft_full_dense', 'aft_simple', 'aft_local', 'aft_conv2d', 'aft_conv2d_dense',
-           'conv_window_weights', 'dense_is_cheaper', 'full_bias_weights', 'is_exporting', 'local_window_mask',
-           'local_window_mask_2d']
+           'cached_local_window_mask_2d', 'conv_window_weights', 'dense_is_cheaper', 'full_bias_weights',
+           'is_exporting', 'local_window_mask', 'local_window_mask_2d']
 
 
 def _check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -193,6 +193,16 @@ def local_window_mask_2d(
     if num_prefix_tokens > 0:
         inside = F.pad(inside, (num_prefix_tokens, 0, num_prefix_tokens, 0), value=True)
     return inside
+
+
+@torch.jit.unused
+@functools.lru_cache(maxsize=64)
+def cached_local_window_mask_2d(
+        height: int, width: int, window: int, num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
+    """:func:`local_window_mask_2d`, built once per grid and device for eager code (AFT-local's training step
+    needs it every call), outside inference mode so that autograd may save it for backward."""
+    with torch.inference_mode(False), torch.no_grad():
+        return local_window_mask_2d([height, width], window, num_prefix_tokens, device)
 
 
 @register_notrace_function

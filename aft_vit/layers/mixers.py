@@ -16,8 +16,8 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 
 from .cache import ParameterDerivedCache
 from .functional import (
-    aft_conv2d, aft_conv2d_dense, aft_full, aft_full_dense, aft_simple, conv_window_weights, dense_is_cheaper,
-    full_bias_weights, is_exporting, local_window_mask_2d)
+    aft_conv2d, aft_conv2d_dense, aft_full, aft_full_dense, aft_simple, cached_local_window_mask_2d,
+    conv_window_weights, dense_is_cheaper, full_bias_weights, is_exporting, local_window_mask_2d)
 
 __all__ = ['AftMixer', 'AftFull', 'AftLocal', 'AftSimple', 'AftConv', 'MixerArgs', 'MIXERS', 'get_mixer']
 
@@ -94,14 +94,18 @@ class AftMixer(nn.Module):
         raise NotImplementedError
 
     @torch.jit.unused
+    def _may_cache(self) -> bool:
+        """No tracer records the forward: a graph must hold what it derives, for any grid. Under torch.compile
+        the graph derives it on every call too: a cache lookup would break the graph at every block, which
+        measured slower than recomputing (benchmarks/README.md)."""
+        return not (torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+                    or is_exporting())
+
+    @torch.jit.unused
     def _params_are_constant(self, params: List[torch.Tensor]) -> bool:
-        """No gradient flows to ``params`` (inference, frozen weights) and no tracer records the forward: then
-        what is derived from them alone can be reused until they change. Under torch.compile the graph derives it
-        on every call instead: a cache lookup would break the graph at every block, which measured slower than
-        recomputing (benchmarks/README.md)."""
-        if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing() or is_exporting():
-            return False
-        return not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        """No gradient flows to ``params`` (inference, frozen weights) and :meth:`_may_cache`: then what is
+        derived from them alone can be reused until they change."""
+        return self._may_cache() and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
 
     def _project_in(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self.qkv(x).split([self.dim, self.key_dim, self.dim], dim=-1)
@@ -248,8 +252,13 @@ class AftLocal(AftFull, name='local'):
         return f'AFT-local (bias rank {self.pos_bias_u.shape[1]}, window {self.window})'
 
     def _restrict(self, bias: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        inside = local_window_mask_2d([feat_size[0], feat_size[1]], self.window, self.num_prefix_tokens, bias.device)
-        return bias * inside.to(bias.dtype)
+        if not torch.jit.is_scripting() and self._may_cache():
+            inside = cached_local_window_mask_2d(
+                int(feat_size[0]), int(feat_size[1]), self.window, self.num_prefix_tokens, bias.device)
+        else:
+            inside = local_window_mask_2d([feat_size[0], feat_size[1]], self.window, self.num_prefix_tokens,
+                                          bias.device)
+        return bias * inside
 
 
 class AftConv(AftMixer, name='conv'):
