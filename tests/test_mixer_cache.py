@@ -212,6 +212,18 @@ def test_full_and_local_notice_a_step_a_load_and_a_move(cls):
 
 
 @pytest.mark.parametrize('cls', [AftFull, AftLocal])
+def test_a_bias_above_the_limit_is_rebuilt_not_kept(cls, monkeypatch):
+    monkeypatch.setattr('aft_vit.layers.mixers.CACHED_WEIGHTS_LIMIT', 30 * 30)  # T = 31 tokens: just above
+    mixer, x = _bias_mixer(cls), torch.randn(2, 31, 16)
+    first = _cached(mixer, x)
+    assert not mixer._derived._entries
+    torch.testing.assert_close(first, _uncached(mixer, x), rtol=0, atol=0)
+    monkeypatch.setattr('aft_vit.layers.mixers.CACHED_WEIGHTS_LIMIT', 31 * 31)
+    _cached(mixer, x)
+    assert mixer._derived._entries
+
+
+@pytest.mark.parametrize('cls', [AftFull, AftLocal])
 def test_a_bias_built_under_autocast_is_the_full_precision_one(cls):
     """The rank-r product would run in bfloat16 under autocast: the cache builds outside it, so the entry does not
     depend on which call came first."""

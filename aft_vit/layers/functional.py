@@ -35,8 +35,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .dense import aft_dense, positive_weights
 
-__all__ = ['aft_full', 'aft_full_dense', 'aft_simple', 'aft_local', 'aft_conv2d', 'aft_conv2d_dense',
-           'cached_local_window_mask_2d', 'conv_window_weights', 'dense_is_cheaper', 'full_bias_weights',
+__all__ = ['CACHED_WEIGHTS_LIMIT', 'aft_full', 'aft_full_dense', 'aft_simple', 'aft_local', 'aft_conv2d',
+           'aft_conv2d_dense', 'cached_local_window_mask_2d', 'conv_window_weights', 'dense_is_cheaper', 'full_bias_weights',
            'is_exporting', 'local_window_mask', 'local_window_mask_2d']
 
 
@@ -339,7 +339,13 @@ def _window_weights_keys_reversed(weight: torch.Tensor, height: int, width: int)
     return hankel.reshape(num_heads, height * width, height * width)
 
 
-def dense_is_cheaper(num_tokens: int, kernel_size: int, num_heads: int = 1, max_weights: int = 2 ** 22) -> bool:
+# The most (h, T, T) exp-space weights a mixer keeps for a block (16 MiB in float32). Above it a kept copy per block
+# costs more memory than rebuilding saves time: AFT-full at 896 px (3137 tokens) would hold 39 MB a block.
+CACHED_WEIGHTS_LIMIT = 2 ** 22
+
+
+def dense_is_cheaper(num_tokens: int, kernel_size: int, num_heads: int = 1,
+                     max_weights: int = CACHED_WEIGHTS_LIMIT) -> bool:
     """Whether AFT-conv's dense product beats its convolution path: up to 4 s^2 tokens and ``max_weights``
     (h, T, T) weights (16 MiB in float32 per block; above it the weights cost more memory, and, rebuilt every
     training step or read cold at batch 1, more time than the convolution saves). The dense product does T^2

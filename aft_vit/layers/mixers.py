@@ -16,7 +16,7 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 
 from .cache import ParameterDerivedCache
 from .functional import (
-    aft_conv2d, aft_conv2d_dense, aft_full, aft_full_dense, aft_simple, cached_local_window_mask_2d,
+    CACHED_WEIGHTS_LIMIT, aft_conv2d, aft_conv2d_dense, aft_full, aft_full_dense, aft_simple, cached_local_window_mask_2d,
     conv_window_weights, dense_is_cheaper, full_bias_weights, is_exporting, local_window_mask_2d)
 
 __all__ = ['AftMixer', 'AftFull', 'AftLocal', 'AftSimple', 'AftConv', 'MixerArgs', 'MIXERS', 'get_mixer']
@@ -215,9 +215,16 @@ class AftFull(AftMixer, name='full'):
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         q, k, v = self._project_in(x)
-        if not torch.jit.is_scripting() and self._params_are_constant(self._bias_params()):
+        if not torch.jit.is_scripting() and self._reuses_bias(x.shape[1]):
             return self._project_out(self._mix_reusing_bias(q, k, v, feat_size))
         return self._project_out(aft_full(q, k, v, self.position_bias(feat_size)))
+
+    @torch.jit.unused
+    def _reuses_bias(self, num_tokens: int) -> bool:
+        """Whether to keep the exp-space bias while it is unchanged (:meth:`AftMixer._params_are_constant`): not
+        above ``CACHED_WEIGHTS_LIMIT`` (T > 2048 tokens: 896 px at patch 16, not 512 px), where a kept (T, T)
+        bias per block would cost more memory than rebuilding it on every call costs time."""
+        return self._params_are_constant(self._bias_params()) and num_tokens * num_tokens <= CACHED_WEIGHTS_LIMIT
 
     @torch.jit.unused
     def _mix_reusing_bias(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
