@@ -7,11 +7,11 @@ Pairs: deit_tiny_patch16_224 / aft_conv_tiny, deit_small_patch16_224 / aft_conv_
 aft_local_small (timm's vit_small_patch16_224 is the same network as deit_small_patch16_224).
 ``--compile`` adds a column pair: the same models, AFT and DeiT alike, under ``torch.compile``, measured in the
 same interleaved rounds as eager, and their ratio (peak memory is measured eager only).
-Throughput: one process, every model of a resolution built first and warmed up, then measured in interleaved rounds,
-every other one in reverse order (so drifts of the machine, and the state one step leaves to the next, hit all
-models alike); the median of the rounds is reported. Peak memory: a fresh process per configuration, its RSS
-high-water mark above its state right before the first step (CPU), or torch's allocator peak (GPU). Ratios are AFT /
-DeiT at the same resolution, batch and mode.
+Throughput: one process, every model of a resolution built first; then each (mode, batch) group warmed up and
+measured in interleaved rounds over its models, every other round in reverse order (so drifts of the machine, and
+the state one step leaves to the next, hit all models alike); the median of the rounds is reported. Peak memory: a
+fresh process per configuration, its RSS high-water mark above its state right before the first step (CPU), or
+torch's allocator peak (GPU). Ratios are AFT / DeiT at the same resolution, batch and mode.
 """
 import argparse
 import csv
@@ -94,27 +94,34 @@ def child(spec: dict) -> dict:
 
 def measure_throughput(models: List[str], res: int, batches: List[int], modes: List[str], device, rounds: int,
                        compiled: bool, amp: bool) -> List[Dict]:
-    """Median images/s of every (model, batch, mode), eager and (with ``compiled``) under torch.compile,
-    all measured in the same interleaved rounds."""
+    """Median images/s of every (model, batch, mode), eager and (with ``compiled``) under torch.compile.
+
+    Each (mode, batch) group is warmed up and measured on its own, its models in interleaved rounds, every other
+    round in reverse order: no model always runs right after the same other one (the allocator's and the caches'
+    state it inherits, a drift within a round). Groups are not mixed within a round, as no training or serving
+    process mixes batch sizes: rounds that did (batch-1 steps between batch-32 ones) measured aft_full_small's
+    training at 0.79x and 0.83x deit_small's in two runs, where rounds of the batch-32 rows alone gave 1.05x the
+    same day (an AMD EPYC).
+    """
     variants = [False, True] if compiled else [False]
     # one model per mode: a training step must not change the weights (or the train / eval mode) that the
     # inference steps measure, or AFT-conv would rebuild its kernel-derived weights after every optimizer step
     built = {(m, c, mode): _build(m, res, device, c) for m in models for c in variants for mode in modes}
-    configs = [(m, b, mode, c) for mode in modes for b in batches for c in variants for m in models]
-    steps = {cfg: _step_fn(built[(cfg[0], cfg[3], cfg[2])], cfg[2], cfg[1], res, device, amp) for cfg in configs}
-    for cfg in configs:  # warm-up (and compilation)
-        steps[cfg]()
-        steps[cfg]()
-    _sync(device)
-    times = {cfg: [] for cfg in configs}
-    for round_index in range(rounds):
-        # every other round in reverse: no model always runs at the same place in the round, right after the same
-        # other model (the allocator's and the caches' state it inherits, a drift within a round)
-        for cfg in configs if round_index % 2 == 0 else configs[::-1]:
-            def timed():
+    times = {}
+    for mode in modes:
+        for b in batches:
+            group = [(m, b, mode, c) for c in variants for m in models]
+            steps = {cfg: _step_fn(built[(cfg[0], cfg[3], mode)], mode, b, res, device, amp) for cfg in group}
+            for cfg in group:  # warm-up (and compilation)
                 steps[cfg]()
-                _sync(device)
-            times[cfg].append(median_seconds(timed, repeats=1, inner=2 if cfg[1] <= 8 else 1))
+                steps[cfg]()
+            _sync(device)
+            for round_index in range(rounds):
+                for cfg in group if round_index % 2 == 0 else group[::-1]:
+                    def timed():
+                        steps[cfg]()
+                        _sync(device)
+                    times.setdefault(cfg, []).append(median_seconds(timed, repeats=1, inner=2 if b <= 8 else 1))
     rows = {}
     for (m, b, mode, c), ts in times.items():
         row = rows.setdefault((m, b, mode), dict(model=m, res=res, batch=b, mode=mode))
