@@ -36,8 +36,8 @@ from torch.utils.checkpoint import checkpoint
 from .dense import aft_dense, positive_weights
 
 __all__ = ['CACHED_WEIGHTS_LIMIT', 'aft_full', 'aft_full_dense', 'aft_simple', 'aft_local', 'aft_conv2d',
-           'aft_conv2d_dense', 'cached_local_window_mask_2d', 'conv_window_weights', 'dense_is_cheaper', 'full_bias_weights',
-           'is_exporting', 'local_window_mask', 'local_window_mask_2d']
+           'aft_conv2d_dense', 'cached_local_window_mask_2d', 'conv_window_weights', 'dense_is_cheaper',
+           'full_bias_weights', 'is_exporting', 'local_window_mask', 'local_window_mask_2d']
 
 
 def _check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

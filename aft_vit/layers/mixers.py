@@ -16,8 +16,9 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 
 from .cache import ParameterDerivedCache
 from .functional import (
-    CACHED_WEIGHTS_LIMIT, aft_conv2d, aft_conv2d_dense, aft_full, aft_full_dense, aft_simple, cached_local_window_mask_2d,
-    conv_window_weights, dense_is_cheaper, full_bias_weights, is_exporting, local_window_mask_2d)
+    CACHED_WEIGHTS_LIMIT, aft_conv2d, aft_conv2d_dense, aft_full, aft_full_dense, aft_simple,
+    cached_local_window_mask_2d, conv_window_weights, dense_is_cheaper, full_bias_weights, is_exporting,
+    local_window_mask_2d)
 
 __all__ = ['AftMixer', 'AftFull', 'AftLocal', 'AftSimple', 'AftConv', 'MixerArgs', 'MIXERS', 'get_mixer']
 
