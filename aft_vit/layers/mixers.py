@@ -328,7 +328,7 @@ class AftConv(AftMixer, name='conv'):
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         batch = x.shape[0]
         q, k, v = self._project_in(x.reshape(batch, feat_size[0], feat_size[1], -1))
-        if not torch.jit.is_scripting() and self._kernel_is_constant():
+        if not torch.jit.is_scripting() and self._params_are_constant(self._kernel_params()):
             x = self._mix_reusing_kernel(q, k, v)
         else:
             x = aft_conv2d(q, k, v, self.position_kernel())
@@ -337,11 +337,6 @@ class AftConv(AftMixer, name='conv'):
     def _kernel_params(self) -> List[torch.Tensor]:
         """The parameters the effective kernel is computed from."""
         return [self.kernel, self.kernel_gamma, self.kernel_beta]
-
-    @torch.jit.unused
-    def _kernel_is_constant(self) -> bool:
-        """What is derived from the kernel may be reused (:meth:`AftMixer._params_are_constant`)."""
-        return self._params_are_constant(self._kernel_params())
 
     @torch.jit.unused
     def _mix_reusing_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
