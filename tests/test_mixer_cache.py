@@ -235,12 +235,11 @@ def test_a_bias_built_under_autocast_is_the_full_precision_one(cls):
 
 def test_the_local_window_mask_is_built_once_per_grid_in_training():
     functional.cached_local_window_mask_2d.cache_clear()
-    mixer = AftLocal(16, grid_size=(5, 6), num_prefix_tokens=1, bias_rank=4, window=3).train()
-    x = torch.randn(2, 31, 16)
+    mixer, x = _bias_mixer(AftLocal).train(), torch.randn(2, 31, 16)
     for _ in range(3):
-        mixer(x, (5, 6)).sum().backward()
+        mixer(x, GRID).sum().backward()
     info = functional.cached_local_window_mask_2d.cache_info()
     assert (info.misses, info.hits) == (1, 2)
     expected = aft_full(*mixer._project_in(x), mixer.pos_bias_u @ mixer.pos_bias_v.t() * local_window_mask_2d(
-        [5, 6], 3, 1, x.device))
-    torch.testing.assert_close(mixer(x, (5, 6)), mixer._project_out(expected))
+        list(GRID), 3, 1, x.device))
+    torch.testing.assert_close(mixer(x, GRID), mixer._project_out(expected))
