@@ -12,6 +12,7 @@ import torch
 
 from aft_vit.layers import AftConv, AftFull, AftLocal
 from aft_vit.layers import functional
+from aft_vit.layers.cache import derived_cache
 from aft_vit.layers.dense import _dense_ops, _DenseAft
 from aft_vit.layers.functional import aft_full, conv_window_weights, full_bias_weights, local_window_mask_2d
 
@@ -44,7 +45,7 @@ def _builds(monkeypatch) -> list:
     def counting(weight, height, width):
         calls.append((height, width))
         return conv_window_weights(weight, height, width)
-    monkeypatch.setattr('aft_vit.layers.mixers.conv_window_weights', counting)
+    monkeypatch.setattr('aft_vit.layers.reuse.conv_window_weights', counting)
     return calls
 
 
@@ -109,9 +110,9 @@ def test_the_cache_adds_no_state_and_copies_start_empty():
     keys = set(mixer.state_dict())
     _cached(mixer, x)
     assert set(mixer.state_dict()) == keys
-    assert mixer._derived._entries
+    assert derived_cache(mixer.kernel)._entries
     for clone in (copy.deepcopy(mixer), pickle.loads(pickle.dumps(mixer))):
-        assert not clone._derived._entries
+        assert not derived_cache(clone.kernel)._entries
         torch.testing.assert_close(_cached(clone, x), _cached(mixer, x), rtol=0, atol=0)
 
 
@@ -206,9 +207,9 @@ def test_full_and_local_notice_a_step_a_load_and_a_move(cls):
     torch.testing.assert_close(_cached(mixer, x), _cached(other, x), rtol=0, atol=0)
     mixer.to(torch.float64)
     torch.testing.assert_close(_cached(mixer, x.double()), _uncached(mixer, x.double()), rtol=1e-12, atol=1e-14)
-    assert mixer._derived._entries  # filled, yet the state dict holds what an unused mixer's holds
+    assert derived_cache(mixer.pos_bias_u)._entries  # filled, yet the state dict holds what an unused mixer's holds
     assert set(mixer.state_dict()) == set(_bias_mixer(cls).state_dict())
-    assert not copy.deepcopy(mixer)._derived._entries
+    assert not derived_cache(copy.deepcopy(mixer).pos_bias_u)._entries
 
 
 @pytest.mark.parametrize('cls', [AftFull, AftLocal])
@@ -216,11 +217,11 @@ def test_a_bias_above_the_limit_is_rebuilt_not_kept(cls, monkeypatch):
     monkeypatch.setattr('aft_vit.layers.mixers.CACHED_WEIGHTS_LIMIT', 30 * 30)  # T = 31 tokens: just above
     mixer, x = _bias_mixer(cls), torch.randn(2, 31, 16)
     first = _cached(mixer, x)
-    assert not mixer._derived._entries
+    assert not derived_cache(mixer.pos_bias_u)._entries
     torch.testing.assert_close(first, _uncached(mixer, x), rtol=0, atol=0)
     monkeypatch.setattr('aft_vit.layers.mixers.CACHED_WEIGHTS_LIMIT', 31 * 31)
     _cached(mixer, x)
-    assert mixer._derived._entries
+    assert derived_cache(mixer.pos_bias_u)._entries
 
 
 @pytest.mark.parametrize('cls', [AftFull, AftLocal])
@@ -243,3 +244,42 @@ def test_the_local_window_mask_is_built_once_per_grid_in_training():
     expected = aft_full(*mixer._project_in(x), mixer.pos_bias_u @ mixer.pos_bias_v.t() * local_window_mask_2d(
         list(GRID), 3, 1, x.device))
     torch.testing.assert_close(mixer(x, GRID), mixer._project_out(expected))
+
+
+def test_compiled_inference_reuses_the_weights_and_notices_a_step(monkeypatch):
+    """Under torch.compile (one graph: fullgraph) the mixer reaches its cache through an opaque operator."""
+    calls = _builds(monkeypatch)
+    mixer, x = _mixer(), torch.randn(2, 30, 16)
+    compiled = torch.compile(mixer, fullgraph=True)
+    with torch.inference_mode():
+        first = compiled(x, GRID)
+        for _ in range(2):
+            assert torch.equal(compiled(x, GRID), first)
+    assert calls == [GRID]
+    torch.testing.assert_close(first, _uncached(mixer, x), rtol=1e-6, atol=1e-7)
+    _take_a_training_step(mixer, x)
+    with torch.inference_mode():
+        after = compiled(x, GRID)
+    assert calls == [GRID, GRID]
+    torch.testing.assert_close(after, _uncached(mixer, x), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('heads,shared', [(4, False), (8, True)])
+def test_the_compiled_dense_operators_are_consistent(heads, shared):
+    """torch.library's own checks of the operators torch.compile calls: schema, fake (shapes, strides) against
+    real, and the registered backward against the Function's."""
+    g = torch.Generator().manual_seed(0)
+    q, v = (torch.randn(2, 7, 8, generator=g, requires_grad=True) for _ in range(2))
+    k = torch.randn(2, 7, heads, generator=g, requires_grad=True)
+    w = torch.rand(1 if shared else heads, 7, 7, generator=g).add(.01).requires_grad_()
+    torch.library.opcheck(torch.ops.aft_vit.dense_forward.default, (q, k, v, w))
+    mixer = _mixer()
+    qkv = torch.randn(2, *GRID, 16 * 2 + 4, generator=g).split([16, 4, 16], dim=-1)
+    frozen = [p.detach() for p in mixer._kernel_params()]  # the operator serves parameters that get no gradient
+    torch.library.opcheck(torch.ops.aft_vit.conv2d_reusing_kernel.default, (*qkv, *frozen, mixer.eps))
+    grad = torch.randn(2, 7, 8, generator=g)
+    out = torch.ops.aft_vit.dense_forward(q, k, v, w)[0]
+    ours = torch.autograd.grad(out, (q, k, v, w), grad)
+    reference = torch.autograd.grad(_DenseAft.apply(q, k, v, w), (q, k, v, w), grad)
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -2,10 +2,11 @@
 from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .dense import _autocast_off
 
-__all__ = ['ParameterDerivedCache']
+__all__ = ['ParameterDerivedCache', 'derived_cache']
 
 
 class ParameterDerivedCache:
@@ -18,8 +19,7 @@ class ParameterDerivedCache:
     alive and no new tensor can reuse its address; equal address and version then mean unchanged values.
     Writes through ``param.data`` bypass version counters: call :meth:`clear` after those.
 
-    Not module state: it is a plain attribute, so nothing reaches the state dict, and copies and pickles
-    (``copy.deepcopy`` for EMA, ``torch.save(model)``) start empty.
+    Not module state: mixers find theirs with :func:`derived_cache`, so nothing reaches the state dict.
     """
 
     def __init__(self) -> None:
@@ -53,11 +53,19 @@ class ParameterDerivedCache:
                 self._entries[key] = build()
         return self._entries[key]
 
-    def __deepcopy__(self, memo: dict) -> 'ParameterDerivedCache':
-        return type(self)()
 
-    def __getstate__(self) -> dict:
-        return {}
+_CACHES = WeakIdKeyDictionary()
 
-    def __setstate__(self, state: dict) -> None:
-        self.__init__()
+
+def derived_cache(owner: torch.Tensor) -> ParameterDerivedCache:
+    """The cache of what is derived from ``owner`` (a mixer's first parameter) and the parameters beside it.
+
+    Kept beside the parameter object, not in the module, so that code given only the parameters finds it:
+    under torch.compile a mixer hands them to an opaque operator (:mod:`aft_vit.layers.reuse`), which receives
+    the same parameter objects on every call. It lives as long as the parameter: a module's copies (deepcopy,
+    pickle, ``load_state_dict`` into another model) have parameters of their own and start empty.
+    """
+    cache = _CACHES.get(owner)
+    if cache is None:
+        cache = _CACHES[owner] = ParameterDerivedCache()
+    return cache

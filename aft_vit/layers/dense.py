@@ -17,7 +17,7 @@ dozen ops. Computed in float32 at least (float64 stays float64): bfloat16 exp-we
 bias' precision, and on CPUs without AMX a float32 product is as fast. The output has ``v``'s dtype.
 """
 import contextlib
-from typing import ContextManager, Tuple
+from typing import ContextManager, Optional, Tuple
 
 import torch
 
@@ -116,6 +116,36 @@ def _dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: t
     return out.view(batch, num_tokens, channels), x, y, gate
 
 
+def _dense_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weights: torch.Tensor,
+                    weights_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of q (B, T, C), k (B, T, h), v (B, T, C) and, if ``weights_grad``, of the weights, from the output's
+    gradient and what :func:`_dense_forward` returned; in the computation's dtype."""
+    num_heads, batch, group, num_tokens = x.shape
+    head_dim = group - 1
+    with _autocast_off(grad.device.type):
+        grad = grad.reshape(batch, num_tokens, num_heads, head_dim)
+        gate = gate.reshape(batch, num_tokens, num_heads, head_dim)
+        den = y[:, :, head_dim:]  # (h, B, 1, T), positive (positive_weights)
+        out = y[:, :, :head_dim] / den  # (h, B, d, T)
+        grad_q = torch.ops.aten.sigmoid_backward(grad * out.permute(1, 3, 0, 2), gate)
+        grad_y = torch.empty_like(x)  # d loss / d (numerator, denominator), laid out as x
+        num_grad = grad_y[:, :, :head_dim]
+        torch.mul(grad.permute(2, 0, 3, 1), gate.permute(2, 0, 3, 1), out=num_grad)
+        num_grad.div_(den)
+        den_grad = grad_y[:, :, head_dim:]
+        if head_dim == 1:  # a sum over one channel is a copy: multiply into place instead
+            torch.mul(num_grad, out, out=den_grad).neg_()
+        else:
+            torch.sum(num_grad * out, dim=2, keepdim=True, out=den_grad).neg_()
+        shared = weights.shape[0] != num_heads
+        grad_x = _product(grad_y, weights.to(x.dtype).transpose(1, 2), shared)
+        grad_weights = _weights_grad(x, grad_y, shared).to(weights.dtype) if weights_grad else None
+        # x = [exp(k) v, exp(k)]: d/dk sums grad_x * x over the head's d + 1 channels
+        grad_k = _sum_of_products(grad_x, x, shared).permute(1, 2, 0)  # (B, T, h)
+        grad_v = (grad_x[:, :, :head_dim] * x[:, :, head_dim:]).permute(1, 3, 0, 2)
+    return grad_q.reshape(batch, num_tokens, -1), grad_k, grad_v.reshape(batch, num_tokens, -1), grad_weights
+
+
 class _DenseAft(torch.autograd.Function):
     """:func:`_dense_forward` with a hand-written backward. Saved: x, y and sigmoid(q), about what
     attention saves (q, k, v, out); nothing is recomputed."""
@@ -130,40 +160,68 @@ class _DenseAft(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, y, gate, weights = ctx.saved_tensors
-        num_heads, batch, group, num_tokens = x.shape
-        head_dim = group - 1
-        with _autocast_off(grad.device.type):
-            grad = grad.reshape(batch, num_tokens, num_heads, head_dim)
-            gate = gate.reshape(batch, num_tokens, num_heads, head_dim)
-            den = y[:, :, head_dim:]  # (h, B, 1, T), positive (positive_weights)
-            out = y[:, :, :head_dim] / den  # (h, B, d, T)
-            grad_q = torch.ops.aten.sigmoid_backward(grad * out.permute(1, 3, 0, 2), gate)
-            grad_y = torch.empty_like(x)  # d loss / d (numerator, denominator), laid out as x
-            num_grad = grad_y[:, :, :head_dim]
-            torch.mul(grad.permute(2, 0, 3, 1), gate.permute(2, 0, 3, 1), out=num_grad)
-            num_grad.div_(den)
-            den_grad = grad_y[:, :, head_dim:]
-            if head_dim == 1:  # a sum over one channel is a copy: multiply into place instead
-                torch.mul(num_grad, out, out=den_grad).neg_()
-            else:
-                torch.sum(num_grad * out, dim=2, keepdim=True, out=den_grad).neg_()
-            shared = weights.shape[0] != num_heads
-            grad_x = _product(grad_y, weights.to(x.dtype).transpose(1, 2), shared)
-            grad_weights = None
-            if ctx.needs_input_grad[3]:
-                grad_weights = _weights_grad(x, grad_y, shared).to(weights.dtype)
-            # x = [exp(k) v, exp(k)]: d/dk sums grad_x * x over the head's d + 1 channels
-            grad_k = _sum_of_products(grad_x, x, shared).permute(1, 2, 0)  # (B, T, h)
-            grad_v = (grad_x[:, :, :head_dim] * x[:, :, head_dim:]).permute(1, 3, 0, 2)
+        grad_q, grad_k, grad_v, grad_weights = _dense_backward(grad, x, y, gate, weights, ctx.needs_input_grad[3])
         q_dtype, k_dtype, v_dtype = ctx.input_dtypes
-        return (grad_q.reshape(batch, num_tokens, -1).to(q_dtype), grad_k.to(k_dtype),
-                grad_v.reshape(batch, num_tokens, -1).to(v_dtype), grad_weights)
+        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), grad_weights
+
+
+# Under torch.compile the same forward and backward run as two opaque operators, so that compiled training gets
+# the hand-written backward too (the compiler would derive autograd's longer one from the plain ops).
+@torch.library.custom_op('aft_vit::dense_forward', mutates_args=())
+def _dense_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _dense_forward(q, k, v, weights)
+
+
+def _dense_backward_outputs(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
+                            weights: torch.Tensor, weights_grad: bool
+                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_dense_backward` with an empty tensor for the weights' gradient when it is not asked for."""
+    grad_q, grad_k, grad_v, grad_weights = _dense_backward(grad, x, y, gate, weights, weights_grad)
+    return grad_q, grad_k, grad_v, grad_weights if grad_weights is not None else weights.new_empty(0)
+
+
+_dense_backward_op = torch.library.custom_op('aft_vit::dense_backward', _dense_backward_outputs, mutates_args=())
+# plain tensor code: run on fake tensors, each function gives the real outputs' shapes and strides
+_dense_forward_op.register_fake(_dense_forward)
+_dense_backward_op.register_fake(_dense_backward_outputs)
+
+
+def _dense_op_setup(ctx, inputs: Tuple[torch.Tensor, ...], output: Tuple[torch.Tensor, ...]) -> None:
+    q, k, v, weights = inputs
+    _, x, y, gate = output
+    ctx.save_for_backward(x, y, gate, weights)
+    ctx.input_dtypes = (q.dtype, k.dtype, v.dtype)
+
+
+def _dense_op_backward(ctx, grad: torch.Tensor, *unused_grads: Optional[torch.Tensor]):
+    """Only the output gets a gradient: x, y and sigmoid(q) are returned for backward alone."""
+    x, y, gate, weights = ctx.saved_tensors
+    grad_q, grad_k, grad_v, grad_weights = torch.ops.aft_vit.dense_backward(
+        grad, x, y, gate, weights, ctx.needs_input_grad[3])
+    q_dtype, k_dtype, v_dtype = ctx.input_dtypes
+    return (grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype),
+            grad_weights if ctx.needs_input_grad[3] else None)
+
+
+_dense_forward_op.register_autograd(_dense_op_backward, setup_context=_dense_op_setup)
 
 
 @torch.jit.unused
 def _is_tracing() -> bool:
     """torch.jit.trace / the ONNX exporters record plain ops (not the autograd Function's in-place writes)."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+@torch.jit.unused
+def _is_exporting() -> bool:
+    """torch.export records a graph for other runtimes: plain ops, not this package's operators."""
+    return torch.compiler.is_exporting()
+
+
+@torch.jit.unused
+def _dense_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aft_vit.dense_forward(q, k, v, weights)[0]
 
 
 @torch.jit.unused
@@ -177,7 +235,7 @@ def _dense_function(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: 
 
 
 def _dense_ops(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """:func:`_dense_forward` in plain differentiable ops, for TorchScript and torch.compile."""
+    """:func:`_dense_forward` in plain differentiable ops, for TorchScript and the exporters."""
     batch, num_tokens, channels = q.shape
     num_heads = k.shape[-1]
     head_dim = channels // num_heads
@@ -199,8 +257,10 @@ def aft_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.
     Returns:
         (B, T, C) in ``v``'s dtype.
     """
-    if torch.jit.is_scripting() or torch.compiler.is_compiling() or _is_tracing():
-        return _dense_ops(q, k, v, weights)  # autograd (or the compiler) derives the backward
+    if torch.jit.is_scripting() or _is_tracing() or _is_exporting():
+        return _dense_ops(q, k, v, weights)  # autograd (or the exporter) derives the backward
+    if torch.compiler.is_compiling():
+        return _dense_compiled(q, k, v, weights)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or weights.requires_grad):
         return _dense_function(q, k, v, weights)
     return _dense_no_grad(q, k, v, weights)

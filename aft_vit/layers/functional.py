@@ -37,7 +37,8 @@ from .dense import aft_dense, positive_weights
 
 __all__ = ['CACHED_WEIGHTS_LIMIT', 'aft_full', 'aft_full_dense', 'aft_simple', 'aft_local', 'aft_conv2d',
            'aft_conv2d_dense', 'cached_local_window_mask_2d', 'conv_window_weights', 'dense_is_cheaper',
-           'full_bias_weights', 'is_exporting', 'local_window_mask', 'local_window_mask_2d']
+           'full_bias_weights', 'is_exporting', 'local_window_mask', 'local_window_mask_2d',
+           'reparameterized_kernel']
 
 
 def _check_qkv(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -288,6 +289,14 @@ def _cached_window_index(height: int, width: int, kernel_size: int, device: torc
     a later training step reuses it."""
     with torch.inference_mode(False), torch.no_grad():
         return _window_index(height, width, kernel_size, device)
+
+
+def reparameterized_kernel(kernel: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """AFT-conv's effective (h, s, s) kernel, ``gamma * (w - mean(w)) / std(w) + beta`` per head (paper Sec. 3.4):
+    ``kernel`` (h, s, s), ``gamma`` and ``beta`` (h,); ``eps`` keeps the division finite."""
+    var, mean = torch.var_mean(kernel, dim=[1, 2], unbiased=False, keepdim=True)
+    normalized = (kernel - mean) * torch.rsqrt(var + eps)
+    return gamma[:, None, None] * normalized + beta[:, None, None]
 
 
 def _exp_window_weights(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

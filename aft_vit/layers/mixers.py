@@ -14,11 +14,11 @@ import torch.fx
 import torch.nn as nn
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 
-from .cache import ParameterDerivedCache
+from .cache import derived_cache
 from .functional import (
-    CACHED_WEIGHTS_LIMIT, aft_conv2d, aft_conv2d_dense, aft_full, aft_full_dense, aft_simple,
-    cached_local_window_mask_2d, conv_window_weights, dense_is_cheaper, full_bias_weights, is_exporting,
-    local_window_mask_2d)
+    CACHED_WEIGHTS_LIMIT, aft_conv2d, aft_full, aft_full_dense, aft_simple, cached_local_window_mask_2d,
+    full_bias_weights, is_exporting, local_window_mask_2d, reparameterized_kernel)
+from .reuse import aft_conv2d_reusing_kernel
 
 __all__ = ['AftMixer', 'AftFull', 'AftLocal', 'AftSimple', 'AftConv', 'MixerArgs', 'MIXERS', 'get_mixer']
 
@@ -96,11 +96,9 @@ class AftMixer(nn.Module):
 
     @torch.jit.unused
     def _may_cache(self) -> bool:
-        """No tracer records the forward: a graph must hold what it derives, for any grid. Under torch.compile
-        the graph derives it on every call too: a cache lookup would break the graph at every block, which
-        measured slower than recomputing (benchmarks/README.md)."""
-        return not (torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-                    or is_exporting())
+        """No tracer records the forward: a graph must hold what it derives, for any grid. (torch.compile's
+        graphs reach AFT-conv's cache through an operator, :mod:`.reuse`; see the subclasses.)"""
+        return not (torch.fx._symbolic_trace.is_fx_symbolic_tracing() or is_exporting())
 
     @torch.jit.unused
     def _params_are_constant(self, params: List[torch.Tensor]) -> bool:
@@ -165,7 +163,6 @@ class AftFull(AftMixer, name='full'):
         num_tokens = num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
         self.pos_bias_u = nn.Parameter(torch.empty(num_tokens, bias_rank, **dd))
         self.pos_bias_v = nn.Parameter(torch.empty(num_tokens, bias_rank, **dd))
-        self._derived = ParameterDerivedCache()
         self.init_weights()
 
     @classmethod
@@ -224,8 +221,10 @@ class AftFull(AftMixer, name='full'):
     def _reuses_bias(self, num_tokens: int) -> bool:
         """Whether to keep the exp-space bias while it is unchanged (:meth:`AftMixer._params_are_constant`): not
         above ``CACHED_WEIGHTS_LIMIT`` (T > 2048 tokens: 896 px at patch 16, not 512 px), where a kept (T, T)
-        bias per block would cost more memory than rebuilding it on every call costs time."""
-        return self._params_are_constant(self._bias_params()) and num_tokens * num_tokens <= CACHED_WEIGHTS_LIMIT
+        bias per block would cost more memory than rebuilding it on every call costs time; not under
+        torch.compile, whose graph rebuilds it."""
+        return (not torch.compiler.is_compiling() and self._params_are_constant(self._bias_params())
+                and num_tokens * num_tokens <= CACHED_WEIGHTS_LIMIT)
 
     @torch.jit.unused
     def _mix_reusing_bias(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -233,7 +232,7 @@ class AftFull(AftMixer, name='full'):
         """:func:`aft_full` with the exp-space bias of each grid built once: the rank-r product, the window (for
         AFT-local) and the exp are the same on every call until ``pos_bias_u`` / ``pos_bias_v`` change."""
         grid = (int(feat_size[0]), int(feat_size[1]))
-        weights = self._derived.get(
+        weights = derived_cache(self.pos_bias_u).get(
             self._bias_params(), grid, lambda: full_bias_weights(self.position_bias(grid)))
         return aft_full_dense(q, k, v, weights)
 
@@ -260,7 +259,7 @@ class AftLocal(AftFull, name='local'):
         return f'AFT-local (bias rank {self.pos_bias_u.shape[1]}, window {self.window})'
 
     def _restrict(self, bias: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._may_cache():
+        if not torch.jit.is_scripting() and self._may_cache() and not torch.compiler.is_compiling():
             inside = cached_local_window_mask_2d(
                 int(feat_size[0]), int(feat_size[1]), self.window, self.num_prefix_tokens, bias.device)
         else:
@@ -304,7 +303,6 @@ class AftConv(AftMixer, name='conv'):
         self.kernel = nn.Parameter(torch.empty(num_heads, kernel_size, kernel_size, **dd))
         self.kernel_gamma = nn.Parameter(torch.empty(num_heads, **dd))
         self.kernel_beta = nn.Parameter(torch.empty(num_heads, **dd))
-        self._derived = ParameterDerivedCache()
         self.init_weights()
 
     @classmethod
@@ -321,9 +319,7 @@ class AftConv(AftMixer, name='conv'):
 
     def position_kernel(self) -> torch.Tensor:
         """The effective (h, s, s) bias kernel after the per-head re-parameterization."""
-        var, mean = torch.var_mean(self.kernel, dim=[1, 2], unbiased=False, keepdim=True)
-        normalized = (self.kernel - mean) * torch.rsqrt(var + self.eps)
-        return self.kernel_gamma[:, None, None] * normalized + self.kernel_beta[:, None, None]
+        return reparameterized_kernel(self.kernel, self.kernel_gamma, self.kernel_beta, self.eps)
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         batch = x.shape[0]
@@ -340,11 +336,8 @@ class AftConv(AftMixer, name='conv'):
 
     @torch.jit.unused
     def _mix_reusing_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """:func:`aft_conv2d` with the effective kernel, and the dense weights of each grid, built once."""
-        height, width = q.shape[1], q.shape[2]
-        params = self._kernel_params()
-        kernel = self._derived.get(params, 'kernel', self.position_kernel)
-        if not dense_is_cheaper(height * width, self.kernel_size, self.num_heads):
-            return aft_conv2d(q, k, v, kernel, method='conv')
-        weights = self._derived.get(params, ('dense', height, width), lambda: conv_window_weights(kernel, height, width))
-        return aft_conv2d_dense(q, k, v, weights)
+        """:func:`aft_conv2d` with the effective kernel, and the dense weights of each grid, built once
+        (:func:`aft_conv2d_reusing_kernel`; under torch.compile through its operator)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.aft_vit.conv2d_reusing_kernel(q, k, v, *self._kernel_params(), self.eps)
+        return aft_conv2d_reusing_kernel(q, k, v, *self._kernel_params(), self.eps)

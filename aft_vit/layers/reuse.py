@@ -1,0 +1,43 @@
+"""AFT-conv with what its kernel derives, built once while the kernel gets no gradient, in eager code and under
+torch.compile.
+
+A compiled graph cannot consult a cache: its checks read storage addresses and version counters, which the compiler
+does not trace, and a graph break at every block measured slower than rebuilding the weights in the graph. So
+compiled inference calls the same Python as one opaque operator, ``torch.ops.aft_vit.conv2d_reusing_kernel``: the
+compiler knows its output's shape, and the operator, run eagerly, finds the cache through the parameter objects it
+is given (:func:`~aft_vit.layers.cache.derived_cache`), the same objects on every call.
+"""
+import torch
+
+from .cache import derived_cache
+from .functional import aft_conv2d, aft_conv2d_dense, conv_window_weights, dense_is_cheaper, reparameterized_kernel
+
+__all__ = ['aft_conv2d_reusing_kernel']
+
+
+def aft_conv2d_reusing_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor,
+                              gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """:func:`~aft_vit.layers.aft_conv2d` with the effective kernel (:func:`reparameterized_kernel`) and, on grids
+    where the dense product is cheaper, its (h, T, T) weights, each built once until ``kernel``, ``gamma`` or
+    ``beta`` change. For parameters that get no gradient: the entries are built without autograd."""
+    params = [kernel, gamma, beta]
+    cache = derived_cache(kernel)
+    effective = cache.get(params, ('kernel', eps), lambda: reparameterized_kernel(kernel, gamma, beta, eps))
+    height, width = q.shape[1], q.shape[2]
+    if not dense_is_cheaper(height * width, kernel.shape[-1], kernel.shape[0]):
+        return aft_conv2d(q, k, v, effective, method='conv')
+    weights = cache.get(params, ('dense', height, width), lambda: conv_window_weights(effective, height, width))
+    return aft_conv2d_dense(q, k, v, weights)
+
+
+@torch.library.custom_op('aft_vit::conv2d_reusing_kernel', mutates_args=())
+def _conv2d_reusing_kernel_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor,
+                              gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """The operator that compiled inference calls: a new contiguous tensor in ``v``'s dtype, as its fake says."""
+    return aft_conv2d_reusing_kernel(q, k, v, kernel, gamma, beta, eps).to(v.dtype).contiguous()
+
+
+@_conv2d_reusing_kernel_op.register_fake
+def _conv2d_reusing_kernel_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor,
+                                gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    return q.new_empty(q.shape, dtype=v.dtype)
