@@ -439,7 +439,9 @@ def aft_conv2d(
     if method == 'dense':
         if not torch.jit.is_scripting() and torch.compiler.is_compiling() and not (
                 torch.is_grad_enabled() and weight.requires_grad):
-            # compiled inference rebuilds the weights on every call: the compiler's fast form, keys reversed
+            # a compiled graph that builds the weights itself (this function called under torch.compile with a
+            # kernel that gets no gradient; the mixers reuse theirs through aft_vit.layers.reuse): the
+            # compiler's fast form, keys reversed
             return aft_conv2d_dense(q, k.flip([1, 2]), v.flip([1, 2]),
                                     _window_weights_keys_reversed(weight, height, width))
         return aft_conv2d_dense(q, k, v, conv_window_weights(weight, height, width))
