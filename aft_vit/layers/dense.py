@@ -21,7 +21,7 @@ from typing import ContextManager, Optional, Tuple
 
 import torch
 
-__all__ = ['aft_dense', 'positive_weights']
+__all__ = ['aft_dense', 'is_exporting', 'positive_weights']
 
 
 def _autocast_off(device_type: str) -> ContextManager:
@@ -117,9 +117,10 @@ def _dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: t
 
 
 def _dense_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weights: torch.Tensor,
-                    weights_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Gradients of q (B, T, C), k (B, T, h), v (B, T, C) and, if ``weights_grad``, of the weights, from the output's
-    gradient and what :func:`_dense_forward` returned; in the computation's dtype."""
+                    weights_grad: bool, input_dtypes: Tuple[torch.dtype, torch.dtype, torch.dtype]
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Gradients of q (B, T, C), k (B, T, h), v (B, T, C) in ``input_dtypes`` and, if ``weights_grad``, of the
+    weights, from the output's gradient and what :func:`_dense_forward` returned."""
     num_heads, batch, group, num_tokens = x.shape
     head_dim = group - 1
     with _autocast_off(grad.device.type):
@@ -143,7 +144,9 @@ def _dense_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: 
         # x = [exp(k) v, exp(k)]: d/dk sums grad_x * x over the head's d + 1 channels
         grad_k = _sum_of_products(grad_x, x, shared).permute(1, 2, 0)  # (B, T, h)
         grad_v = (grad_x[:, :, :head_dim] * x[:, :, head_dim:]).permute(1, 3, 0, 2)
-    return grad_q.reshape(batch, num_tokens, -1), grad_k, grad_v.reshape(batch, num_tokens, -1), grad_weights
+    q_dtype, k_dtype, v_dtype = input_dtypes
+    return (grad_q.reshape(batch, num_tokens, -1).to(q_dtype), grad_k.to(k_dtype),
+            grad_v.reshape(batch, num_tokens, -1).to(v_dtype), grad_weights)
 
 
 class _DenseAft(torch.autograd.Function):
@@ -160,9 +163,7 @@ class _DenseAft(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, y, gate, weights = ctx.saved_tensors
-        grad_q, grad_k, grad_v, grad_weights = _dense_backward(grad, x, y, gate, weights, ctx.needs_input_grad[3])
-        q_dtype, k_dtype, v_dtype = ctx.input_dtypes
-        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype), grad_weights
+        return _dense_backward(grad, x, y, gate, weights, ctx.needs_input_grad[3], ctx.input_dtypes)
 
 
 # Under torch.compile the same forward and backward run as two opaque operators, so that compiled training gets
@@ -174,10 +175,11 @@ def _dense_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights
 
 
 def _dense_backward_outputs(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
-                            weights: torch.Tensor, weights_grad: bool
-                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                            weights: torch.Tensor, weights_grad: bool, q_dtype: torch.dtype, k_dtype: torch.dtype,
+                            v_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_dense_backward` with an empty tensor for the weights' gradient when it is not asked for."""
-    grad_q, grad_k, grad_v, grad_weights = _dense_backward(grad, x, y, gate, weights, weights_grad)
+    grad_q, grad_k, grad_v, grad_weights = _dense_backward(
+        grad, x, y, gate, weights, weights_grad, (q_dtype, k_dtype, v_dtype))
     return grad_q, grad_k, grad_v, grad_weights if grad_weights is not None else weights.new_empty(0)
 
 
@@ -198,25 +200,19 @@ def _dense_op_backward(ctx, grad: torch.Tensor, *unused_grads: Optional[torch.Te
     """Only the output gets a gradient: x, y and sigmoid(q) are returned for backward alone."""
     x, y, gate, weights = ctx.saved_tensors
     grad_q, grad_k, grad_v, grad_weights = torch.ops.aft_vit.dense_backward(
-        grad, x, y, gate, weights, ctx.needs_input_grad[3])
-    q_dtype, k_dtype, v_dtype = ctx.input_dtypes
-    return (grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v_dtype),
-            grad_weights if ctx.needs_input_grad[3] else None)
+        grad, x, y, gate, weights, ctx.needs_input_grad[3], *ctx.input_dtypes)
+    return grad_q, grad_k, grad_v, grad_weights if ctx.needs_input_grad[3] else None
 
 
 _dense_forward_op.register_autograd(_dense_op_backward, setup_context=_dense_op_setup)
 
 
 @torch.jit.unused
-def _is_tracing() -> bool:
-    """torch.jit.trace / the ONNX exporters record plain ops (not the autograd Function's in-place writes)."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
-@torch.jit.unused
-def _is_exporting() -> bool:
-    """torch.export records a graph for other runtimes: plain ops, not this package's operators."""
-    return torch.compiler.is_exporting()
+def is_exporting() -> bool:
+    """Whether the forward is being recorded for a file (torch.export, the ONNX exporters, torch.jit.trace): then
+    the graph holds plain ops (not the dense Function's in-place writes, nor this package's operators), AFT-conv
+    takes its convolution path, whose graph holds for every input size, and nothing is cached."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 @torch.jit.unused
@@ -257,7 +253,7 @@ def aft_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.
     Returns:
         (B, T, C) in ``v``'s dtype.
     """
-    if torch.jit.is_scripting() or _is_tracing() or _is_exporting():
+    if torch.jit.is_scripting() or is_exporting():
         return _dense_ops(q, k, v, weights)  # autograd (or the exporter) derives the backward
     if torch.compiler.is_compiling():
         return _dense_compiled(q, k, v, weights)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from torch.utils.checkpoint import checkpoint
 
-from .dense import aft_dense, positive_weights
+from .dense import aft_dense, is_exporting, positive_weights
 
 __all__ = ['CACHED_WEIGHTS_LIMIT', 'aft_full', 'aft_full_dense', 'aft_simple', 'aft_local', 'aft_conv2d',
            'aft_conv2d_dense', 'cached_local_window_mask_2d', 'conv_window_weights', 'dense_is_cheaper',
@@ -257,13 +257,6 @@ def _prefix_before(x: torch.Tensor, radius: int) -> torch.Tensor:
 def _suffix_after(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Along the last dim: at i, the sum over i' > i + r (summed from the end, zeros padded behind)."""
     return F.pad(x, (0, radius + 1)).flip(-1).cumsum(dim=-1).flip(-1).narrow(-1, radius + 1, x.shape[-1])
-
-
-@torch.jit.unused
-def is_exporting() -> bool:
-    """Whether the forward is being recorded for a file (torch.export, the ONNX exporters, torch.jit.trace): then
-    AFT-conv takes its convolution path, whose graph holds for every input size, and nothing is cached."""
-    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
 
 
 def _window_index(height: int, width: int, kernel_size: int, device: torch.device) -> torch.Tensor:
