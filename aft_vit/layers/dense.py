@@ -13,8 +13,9 @@ Numerator and denominator inputs are stacked as ``x`` (h, B, d + 1, T), tokens l
 sum is one matrix product per head, (B (d + 1), T) @ (T, T), efficient even at batch 1; with a shared
 ``W`` it is a single (h B (d + 1), T) @ (T, T) product. Training uses a hand-written backward
 (:class:`_DenseAft`; under torch.compile the operators ``aft_vit::dense_forward`` / ``dense_backward``): two
-more products and a few elementwise passes, instead of autograd's graph of a dozen ops. Computed in float32 at least (float64 stays float64): bfloat16 exp-weights would lose the
-bias' precision, and on CPUs without AMX a float32 product is as fast. The output has ``v``'s dtype.
+more products and a few elementwise passes, instead of autograd's graph of a dozen ops. Computed in float32 at
+least (float64 stays float64): bfloat16 exp-weights would lose the bias' precision, and on CPUs without AMX a
+float32 product is as fast. The output has ``v``'s dtype.
 """
 import contextlib
 from typing import ContextManager, Optional, Tuple

@@ -49,12 +49,14 @@ class AftMixer(nn.Module):
     * ``no_weight_decay_params``: its parameters exempt from weight decay;
     * ``grid_params``: its per-token parameters laid out like ``pos_embed`` (prefix rows, then the grid), which
       the checkpoint filter resamples to another grid as it does ``pos_embed``;
+    * ``caches_when_compiled``: whether torch.compile's graphs reach its cache (through an opaque operator);
     * :meth:`layer`, :meth:`set_grid_size` and :meth:`describe`.
     """
     name: ClassVar[str] = ''
     default_class_token: ClassVar[bool] = True
     no_weight_decay_params: ClassVar[Tuple[str, ...]] = ()
     grid_params: ClassVar[Tuple[str, ...]] = ()
+    caches_when_compiled: ClassVar[bool] = False
 
     def __init_subclass__(cls, name: str = '', **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -96,8 +98,11 @@ class AftMixer(nn.Module):
 
     @torch.jit.unused
     def _may_cache(self) -> bool:
-        """No tracer records the forward: a graph must hold what it derives, for any grid. (torch.compile's
-        graphs reach AFT-conv's cache through an operator, :mod:`.reuse`; see the subclasses.)"""
+        """No tracer records the forward: a graph must hold what it derives, for any grid. Under torch.compile
+        only through an opaque operator (``caches_when_compiled``: AFT-conv's, :mod:`.reuse`): a lookup in the
+        graph would break it at every block, which measured slower than recomputing (benchmarks/README.md)."""
+        if torch.compiler.is_compiling() and not self.caches_when_compiled:
+            return False
         return not (torch.fx._symbolic_trace.is_fx_symbolic_tracing() or is_exporting())
 
     @torch.jit.unused
@@ -221,10 +226,8 @@ class AftFull(AftMixer, name='full'):
     def _reuses_bias(self, num_tokens: int) -> bool:
         """Whether to keep the exp-space bias while it is unchanged (:meth:`AftMixer._params_are_constant`): not
         above ``CACHED_WEIGHTS_LIMIT`` (T > 2048 tokens: 896 px at patch 16, not 512 px), where a kept (T, T)
-        bias per block would cost more memory than rebuilding it on every call costs time; not under
-        torch.compile, whose graph rebuilds it."""
-        return (not torch.compiler.is_compiling() and self._params_are_constant(self._bias_params())
-                and num_tokens * num_tokens <= CACHED_WEIGHTS_LIMIT)
+        bias per block would cost more memory than rebuilding it on every call costs time."""
+        return self._params_are_constant(self._bias_params()) and num_tokens * num_tokens <= CACHED_WEIGHTS_LIMIT
 
     @torch.jit.unused
     def _mix_reusing_bias(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -259,7 +262,7 @@ class AftLocal(AftFull, name='local'):
         return f'AFT-local (bias rank {self.pos_bias_u.shape[1]}, window {self.window})'
 
     def _restrict(self, bias: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._may_cache() and not torch.compiler.is_compiling():
+        if not torch.jit.is_scripting() and self._may_cache():
             inside = cached_local_window_mask_2d(
                 int(feat_size[0]), int(feat_size[1]), self.window, self.num_prefix_tokens, bias.device)
         else:
@@ -280,6 +283,7 @@ class AftConv(AftMixer, name='conv'):
     """
     default_class_token = False
     no_weight_decay_params = ('kernel',)
+    caches_when_compiled = True
 
     def __init__(
             self,
