@@ -49,11 +49,12 @@ def _empty_stack(batch: int, num_tokens: int, num_heads: int, head_dim: int, sha
     """Uninitialized stacked inputs, seen as (h, B, d + 1, T) whatever their memory layout.
 
     Per-head weights: stored head-major, tokens last, as seen. Shared weights (AFT-full): stored
-    token-major (B, T, d + 1, h), so that building it from and returning it to (B, T, C) tensors moves
-    contiguous rows instead of transposing every element.
+    token-first (T, B, d + 1, h), so that building it from and returning it to (B, T, C) tensors moves
+    contiguous rows instead of transposing every element, and so that it is one (T, B (d + 1) h) matrix for the
+    product and the weights' gradient, without a copy.
     """
     if shared:
-        return torch.empty(batch, num_tokens, head_dim + 1, num_heads, dtype=dtype, device=device).permute(3, 0, 2, 1)
+        return torch.empty(num_tokens, batch, head_dim + 1, num_heads, dtype=dtype, device=device).permute(3, 1, 2, 0)
     return torch.empty(num_heads, batch, head_dim + 1, num_tokens, dtype=dtype, device=device)
 
 
@@ -61,8 +62,9 @@ def _product(x: torch.Tensor, weights: torch.Tensor, shared: bool) -> torch.Tens
     """Stacked inputs (as :func:`_empty_stack` lays them out) times key-by-query weights, summed over keys."""
     num_heads, batch, group, num_tokens = x.shape
     if shared:
-        stored = x.permute(1, 3, 2, 0).reshape(batch, num_tokens, -1)  # (B, T, (d + 1) h), a view
-        # bmm over a broadcast (stride 0) weight: no copy of the inputs, unlike matmul's 2-D @ 3-D folding
+        # bmm over a broadcast (stride 0) weight and a strided view of x, (B, T, (d + 1) h): no copy of either, and
+        # faster than one (T, T) @ (T, B (d + 1) h) product. The output is (B, T, d + 1, h) in memory.
+        stored = x.permute(1, 3, 2, 0).reshape(batch, num_tokens, -1)
         out = torch.bmm(weights[0].t().expand(batch, num_tokens, num_tokens), stored)
         return out.view(batch, num_tokens, group, num_heads).permute(3, 0, 2, 1)
     return torch.bmm(x.reshape(num_heads, -1, num_tokens), weights).view(x.shape)
@@ -72,7 +74,7 @@ def _weights_grad(x: torch.Tensor, grad_y: torch.Tensor, shared: bool) -> torch.
     """d loss / d weights for y = _product(x, weights): sum over rows of x (key) times grad_y (query)."""
     num_heads, batch, group, num_tokens = x.shape
     if shared:
-        # one (T, B N) @ (B N, T) product over token-first copies: faster than B products and their sum
+        # one (T, B N) @ (B N, T) product, over views where x and grad_y are laid out as _empty_stack's
         x_tokens = x.permute(3, 1, 2, 0).reshape(num_tokens, -1)
         grad_tokens = grad_y.permute(3, 1, 2, 0).reshape(num_tokens, -1)
         return torch.mm(x_tokens, grad_tokens.t()).unsqueeze(0)
@@ -96,7 +98,10 @@ def _sum_of_products(a: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Te
 
 def _dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor
                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The output and, for backward, x, the product y and sigmoid(q); q, v (B, T, C), k (B, T, h)."""
+    """The output and, for backward, x, the product y and sigmoid(q); q, v (B, T, C), k (B, T, h).
+
+    y is returned with its numerator divided by its denominator in place (the ratio, which backward needs too).
+    """
     batch, num_tokens, channels = q.shape
     num_heads = k.shape[-1]
     head_dim = channels // num_heads
@@ -105,15 +110,16 @@ def _dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: t
         shared = weights.shape[0] != num_heads
         x = _empty_stack(batch, num_tokens, num_heads, head_dim, shared, dtype, v.device)
         exp_k = x[:, :, head_dim:]  # (h, B, 1, T), written in place
-        shifted_k = k.to(dtype) - k.detach().amax(dim=1, keepdim=True).to(dtype)  # (B, T, h)
-        torch.exp(shifted_k.permute(2, 0, 1).unsqueeze(2), out=exp_k)
+        shifted_k = k.to(dtype) - k.detach().amax(dim=1, keepdim=True).to(dtype)  # (B, T, h), a new tensor
+        # exp in place and a copy: torch.exp into the strided slice took 2x as long (AFT-full small, batch 32)
+        exp_k.copy_(shifted_k.exp_().permute(2, 0, 1).unsqueeze(2))
         torch.mul(exp_k, v.reshape(batch, num_tokens, num_heads, head_dim).permute(2, 0, 3, 1),
                   out=x[:, :, :head_dim])
         y = _product(x, weights.to(dtype), shared)
+        ratio = y[:, :, :head_dim].div_(y[:, :, head_dim:])
         gate = torch.sigmoid(q)
         out = torch.empty(batch, num_tokens, num_heads, head_dim, dtype=v.dtype, device=v.device)
-        torch.mul(gate.reshape(batch, num_tokens, num_heads, head_dim), y[:, :, :head_dim].permute(1, 3, 0, 2), out=out)
-        out.div_(y[:, :, head_dim:].permute(1, 3, 0, 2))
+        torch.mul(gate.reshape(batch, num_tokens, num_heads, head_dim), ratio.permute(1, 3, 0, 2), out=out)
     return out.view(batch, num_tokens, channels), x, y, gate
 
 
@@ -128,8 +134,9 @@ def _dense_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: 
         grad = grad.reshape(batch, num_tokens, num_heads, head_dim)
         gate = gate.reshape(batch, num_tokens, num_heads, head_dim)
         den = y[:, :, head_dim:]  # (h, B, 1, T), positive (positive_weights)
-        out = y[:, :, :head_dim] / den  # (h, B, d, T)
-        grad_q = torch.ops.aten.sigmoid_backward(grad * out.permute(1, 3, 0, 2), gate)
+        out = y[:, :, :head_dim]  # (h, B, d, T): numerator / denominator, divided by the forward
+        grad_q = grad * out.permute(1, 3, 0, 2)
+        torch.ops.aten.sigmoid_backward(grad_q, gate, grad_input=grad_q)  # in place: one buffer fewer
         grad_y = torch.empty_like(x)  # d loss / d (numerator, denominator), laid out as x
         num_grad = grad_y[:, :, :head_dim]
         torch.mul(grad.permute(2, 0, 3, 1), gate.permute(2, 0, 3, 1), out=num_grad)
