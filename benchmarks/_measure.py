@@ -51,13 +51,16 @@ def rss_mib() -> float:
 MMAP_THRESHOLD_BYTES = 64 * 1024
 
 
-def run_isolated(script: Path, args: Dict[str, object]) -> Dict[str, float]:
+def run_isolated(script: Path, args: Dict[str, object], measures_memory: bool) -> Dict[str, float]:
     """Run ``script --child JSON`` in a fresh interpreter and return the JSON it prints last.
 
-    The child's allocator serves every tensor of 64 KiB or more straight from mmap (``MALLOC_MMAP_THRESHOLD_``),
-    so its peak RSS follows the memory its tensors hold.
+    A child that ``measures_memory`` has its allocator serve every tensor of 64 KiB or more straight from mmap
+    (``MALLOC_MMAP_THRESHOLD_``), so that its peak RSS follows the memory its tensors hold. Not for timing: every
+    such allocation then costs fresh pages (AFT-conv's operator at 256 tokens ran 2x slower).
     """
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD_BYTES))
+    env = dict(os.environ)
+    if measures_memory:
+        env['MALLOC_MMAP_THRESHOLD_'] = str(MMAP_THRESHOLD_BYTES)
     result = subprocess.run([sys.executable, str(script), '--child', json.dumps(args)], capture_output=True,
                             text=True, env=env)
     if result.returncode != 0:

@@ -2,10 +2,10 @@
 
     python benchmarks/operators.py [--tokens 256 1024 4096 16384] [--csv benchmarks/operators.csv]
 
-Every (operator, T) runs in a fresh process (peak RSS is that process's high-water mark above its state just
-before the first call). Inputs: batch 1, C = 384 channels (AFT-conv: 16 heads, kernel 11, on a square grid;
-attention: 6 heads of 64). Time is the median of repeated calls after a warm-up. The summary prints how time
-grows from the smallest to the largest T: linear growth is T_max / T_min, quadratic its square.
+Every (operator, T) runs in two fresh processes: one for its peak RSS (that process's high-water mark above its
+state just before one call), one for its time. Inputs: batch 1, C = 384 channels (AFT-conv: 16 heads, kernel 11, on
+a square grid; attention: 6 heads of 64). Time is the median of repeated calls after a warm-up. The summary prints
+how time grows from the smallest to the largest T: linear growth is T_max / T_min, quadratic its square.
 """
 import argparse
 import csv
@@ -50,15 +50,17 @@ def _call(op: str, tokens: int):
 
 
 def child(spec: dict) -> dict:
+    """The peak memory of one call (``spec['measure'] == 'memory'``) or the median time of calls after a warm-up."""
     torch.set_grad_enabled(False)
     fn = _call(spec['op'], spec['tokens'])
-    reset_peak_rss()
-    before = rss_mib()
-    fn()  # warm-up, and the peak of one call
-    peak = peak_rss_mib() - before
+    if spec['measure'] == 'memory':
+        reset_peak_rss()
+        before = rss_mib()
+        fn()
+        return dict(peak_mib=max(peak_rss_mib() - before, 0.))
+    fn()
     repeats = 5 if spec['tokens'] <= 4096 else 2
-    seconds = median_seconds(fn, repeats=repeats, inner=1)
-    return dict(op=spec['op'], tokens=spec['tokens'], ms=seconds * 1e3, peak_mib=max(peak, 0.))
+    return dict(ms=median_seconds(fn, repeats=repeats, inner=1) * 1e3)
 
 
 def main() -> None:
@@ -82,7 +84,10 @@ def main() -> None:
         args.ops = list(dict.fromkeys(r['op'] for r in rows))
     for tokens in ([] if args.from_csv else args.tokens):
         for op in args.ops:
-            row = run_isolated(Path(__file__), dict(op=op, tokens=tokens))
+            row = dict(op=op, tokens=tokens)
+            for measure in ('memory', 'time'):
+                spec = dict(row, measure=measure)
+                row.update(run_isolated(Path(__file__), spec, measures_memory=measure == 'memory'))
             rows.append(row)
             print(f'{op:<11} T={tokens:<6} {row["ms"]:10.2f} ms  peak +{row["peak_mib"]:8.1f} MiB', flush=True)
     if not args.from_csv:

@@ -10,8 +10,10 @@ same interleaved rounds as eager, and their ratio (peak memory is measured eager
 Throughput: one process, every model of a resolution built first; then each (mode, batch) group warmed up and
 measured in interleaved rounds over its models, every other round in reverse order (so drifts of the machine, and
 the state one step leaves to the next, hit all models alike); the median of the rounds is reported. Peak memory: a
-fresh process per configuration, its RSS high-water mark above its state right before the first step (CPU), or
-torch's allocator peak (GPU). Ratios are AFT / DeiT at the same resolution, batch and mode.
+fresh process per configuration, its RSS high-water mark above its state right before the first step, with glibc
+serving every allocation of 64 KiB or more by mmap so that the mark follows live tensors (CPU; see
+``_measure.run_isolated``), or torch's allocator peak (GPU). Ratios are AFT / DeiT at the same resolution, batch and
+mode.
 """
 import argparse
 import csv
@@ -205,7 +207,8 @@ def main() -> None:
         for r in res_rows:
             r['peak_mib'] = run_isolated(Path(__file__), dict(model=r['model'], res=res, batch=r['batch'],
                                                               mode=r['mode'], device=args.device,
-                                                              compile=False, amp=args.amp))['peak_mib']
+                                                              compile=False, amp=args.amp),
+                                       measures_memory=True)['peak_mib']
             compiled = f' {r["compiled_img_s"]:9.1f} img/s compiled' if 'compiled_img_s' in r else ''
             print(f'{r["model"]:<24} {res:>4}px b{r["batch"]:<4} {r["mode"]:<5} {r["img_s"]:9.1f} img/s '
                   f'{r["peak_mib"]:9.1f} MiB{compiled}', flush=True)
