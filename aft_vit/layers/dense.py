@@ -50,8 +50,8 @@ def _empty_stack(batch: int, num_tokens: int, num_heads: int, head_dim: int, sha
 
     Per-head weights: stored head-major, tokens last, as seen. Shared weights (AFT-full): stored
     token-first (T, B, d + 1, h), so that building it from and returning it to (B, T, C) tensors moves
-    contiguous rows instead of transposing every element, and so that it is one (T, B (d + 1) h) matrix for the
-    product and the weights' gradient, without a copy.
+    contiguous rows instead of transposing every element, and so that the weights' gradient is one product over
+    it as a (T, B (d + 1) h) matrix, without a copy (the forward product reads it as a strided (B, T, (d + 1) h)).
     """
     if shared:
         return torch.empty(num_tokens, batch, head_dim + 1, num_heads, dtype=dtype, device=device).permute(3, 1, 2, 0)
@@ -134,8 +134,8 @@ def _dense_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: 
         grad = grad.reshape(batch, num_tokens, num_heads, head_dim)
         gate = gate.reshape(batch, num_tokens, num_heads, head_dim)
         den = y[:, :, head_dim:]  # (h, B, 1, T), positive (positive_weights)
-        out = y[:, :, :head_dim]  # (h, B, d, T): numerator / denominator, divided by the forward
-        grad_q = grad * out.permute(1, 3, 0, 2)
+        ratio = y[:, :, :head_dim]  # (h, B, d, T): numerator / denominator, divided in place by the forward
+        grad_q = grad * ratio.permute(1, 3, 0, 2)
         torch.ops.aten.sigmoid_backward(grad_q, gate, grad_input=grad_q)  # in place: one buffer fewer
         grad_y = torch.empty_like(x)  # d loss / d (numerator, denominator), laid out as x
         num_grad = grad_y[:, :, :head_dim]
@@ -143,9 +143,9 @@ def _dense_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: 
         num_grad.div_(den)
         den_grad = grad_y[:, :, head_dim:]
         if head_dim == 1:  # a sum over one channel is a copy: multiply into place instead
-            torch.mul(num_grad, out, out=den_grad).neg_()
+            torch.mul(num_grad, ratio, out=den_grad).neg_()
         else:
-            torch.sum(num_grad * out, dim=2, keepdim=True, out=den_grad).neg_()
+            torch.sum(num_grad * ratio, dim=2, keepdim=True, out=den_grad).neg_()
         shared = weights.shape[0] != num_heads
         grad_x = _product(grad_y, weights.to(x.dtype).transpose(1, 2), shared)
         grad_weights = _weights_grad(x, grad_y, shared).to(weights.dtype) if weights_grad else None
