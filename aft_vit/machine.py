@@ -33,11 +33,15 @@ def _processor_name() -> str:
 
 
 def processor_key() -> str:
-    """A short slug of the processor family, e.g. 'amd-epyc' or 'intel-xeon': benchmark tables are kept one per
-    family, since their speed ratios differ."""
+    """A short slug of the processor family, e.g. 'intel-xeon', 'amd-epyc', or 'amd-epyc-no-avx512' for a CPU
+    of that name without AVX512: benchmark tables are kept one per family, since their speed ratios differ, and
+    machines sold under one name differ in their vector units, which move those ratios most."""
     name = re.sub(r'\((R|TM|r|tm)\)', ' ', _processor_name())
     words = re.findall(r'[A-Za-z0-9]+', name)
-    return '-'.join(w.lower() for w in words[:2]) or 'unknown'
+    key = '-'.join(w.lower() for w in words[:2]) or 'unknown'
+    if not torch.cuda.is_available() and 'avx512f' not in _cpu_flags():
+        key += '-no-avx512'
+    return key
 
 
 def _cpu_flags() -> Set[str]:

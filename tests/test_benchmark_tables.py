@@ -23,3 +23,15 @@ def test_each_processor_family_keeps_its_own_table(tmp_path, monkeypatch):
     assert 'amd 1' not in text and 'xeon 1' not in text
     assert text.index('xeon 2') < text.index('amd 2') < text.index('## Later section') < text.index('only xeon')
     assert text.count('<!-- throughput:amd-epyc:start -->') == 1 and text.count('<!-- throughput:amd-epyc:end -->') == 1
+
+
+def test_processor_family_names_a_cpu_without_avx512_apart(monkeypatch):
+    """One model name covers machines with and without AVX512 (both AMD EPYC here): their tables must not
+    overwrite each other."""
+    from aft_vit import machine
+    monkeypatch.setattr(machine.torch.cuda, 'is_available', lambda: False)
+    for flags, key in (('fpu avx2 avx512f avx512_bf16', 'amd-epyc'), ('fpu avx2', 'amd-epyc-no-avx512')):
+        monkeypatch.setattr(machine, '_cpuinfo', lambda flags=flags: {'model name': 'AMD EPYC', 'flags': flags})
+        assert machine.processor_key() == key
+    monkeypatch.setattr(machine, '_cpuinfo', lambda: {'model name': 'Intel(R) Xeon(R) Processor', 'flags': 'avx512f'})
+    assert machine.processor_key() == 'intel-xeon'
