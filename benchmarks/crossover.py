@@ -6,7 +6,9 @@ For grids of side 12 to 24 patches (T = 144 to 576 tokens), kernel 11, the tiny 
 (16 heads, C = 384) layouts at batch 1 and 8, inference with the dense weights prebuilt (as AftConv reuses them),
 and a training step (forward and backward, weights rebuilt from the kernel). ``aft_conv2d(method='auto')``
 picks dense up to T = 4 s^2 = 484 tokens within a weight budget (``dense_is_cheaper``); the table marks every
-cell where that choice is the slower one here.
+cell where that choice is the slower one here. Then, within the convolution path, the two ways of summing the keys
+outside each window (prefix sums; products with 0/1 matrices, which it uses while H + W <= 2 s^2) on grids of side
+14 to 192, for the tiny layout's 224 stacked channels at batch 1, in inference.
 """
 import argparse
 import sys
@@ -42,6 +44,26 @@ def _time(side: int, channels: int, heads: int, batch: int, method: str, train: 
         return median_seconds(lambda: aft_conv2d(q, k, v, w, method='conv'), repeats=7, inner=3)
 
 
+OUTSIDE_SIDES = (14, 28, 56, 96, 120, 128, 192)
+
+
+def _outside_sums_row() -> dict:
+    """Prefix-sum time / product time of the sums outside the window, per grid side ('picked': what the
+    convolution path uses there)."""
+    from aft_vit.layers.functional import (
+        _products_sum_outside, _sum_outside_window_by_prefix_sums, _sum_outside_window_by_products)
+    row = {'sums outside the window': 'C=192, h=32 (224 stacked channels), batch 1'}
+    radius = KERNEL // 2
+    for side in OUTSIDE_SIDES:
+        x = torch.rand(1, side, side, 224, generator=torch.Generator().manual_seed(0)).permute(0, 3, 1, 2)
+        with torch.inference_mode():
+            by_prefix = median_seconds(lambda: _sum_outside_window_by_prefix_sums(x, radius), repeats=7, inner=3)
+            by_products = median_seconds(lambda: _sum_outside_window_by_products(x, radius), repeats=7, inner=3)
+        picked = 'products' if _products_sum_outside(side, side, radius) else 'prefix sums'
+        row[f'side {side}'] = f'{by_prefix / by_products:.2f} ({picked})'
+    return row
+
+
 def _mark(dense_faster: bool, tokens: int, heads: int) -> str:
     """What the cell says about ``aft_conv2d(method='auto')``'s choice, beyond the ratio."""
     from aft_vit.layers import dense_is_cheaper
@@ -71,7 +93,11 @@ def main() -> None:
             f'dense time (above 1: dense faster); auto picks dense up to T = {4 * KERNEL * KERNEL} tokens if its '
             f'(h, T, T) weights fit in 2^22 values. \'auto slower\': auto picks the slower path; \'weight cap\': '
             f'conv because the dense weights would exceed that memory budget.\n\n'
-            + markdown_table(rows, ['layout', 'batch', 'mode'] + [f'T={s * s}' for s in SIDES]))
+            + markdown_table(rows, ['layout', 'batch', 'mode'] + [f'T={s * s}' for s in SIDES])
+            + '\n\nWithin the convolution path, each cell: prefix-sum time / product time of the sums outside the '
+            'window (above 1: products faster), and which of the two the path uses at that grid side.\n\n'
+            + markdown_table([_outside_sums_row()],
+                             ['sums outside the window'] + [f'side {s}' for s in OUTSIDE_SIDES]))
     print(text)
     if args.update_readme:
         update_readme(text, 'crossover')

@@ -188,7 +188,8 @@ def test_gradients_match_finite_differences():
 
 
 class _ShapeRecorder(TorchDispatchMode):
-    """Records the number of elements of every tensor any op produces."""
+    """Records the size, in elements, of the largest storage any op's output holds: what was built, so that an
+    expanded (stride 0) view of a small tensor does not count as large."""
 
     def __init__(self):
         super().__init__()
@@ -198,7 +199,7 @@ class _ShapeRecorder(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
         return out
 
 
@@ -229,6 +230,22 @@ def test_full_and_local_never_build_batch_token_token_channel_tensors():
     assert _largest_tensor(lambda: aft_local(q, k, v, w, 5, causal=True)) <= limit
 
 
+@pytest.mark.parametrize('height, width, radius', [(9, 7, 2), (4, 6, 3), (5, 5, 0)])
+def test_both_ways_of_summing_outside_the_window_match_the_naive_sum(height, width, radius):
+    from aft_vit.layers.functional import _sum_outside_window_by_prefix_sums, _sum_outside_window_by_products
+    g = torch.Generator().manual_seed(0)
+    # positive terms spanning 60 orders of magnitude, channels-last as the convolution path lays them out
+    x = torch.exp(40 * torch.randn(2, height, width, 3, generator=g, dtype=torch.float64)).permute(0, 3, 1, 2)
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing='ij')
+    expected = torch.empty_like(x)
+    for y in range(height):
+        for col in range(width):
+            outside = ((ys - y).abs() > radius) | ((xs - col).abs() > radius)
+            expected[:, :, y, col] = (x * outside).sum(dim=(2, 3))
+    for sums in (_sum_outside_window_by_products, _sum_outside_window_by_prefix_sums):
+        torch.testing.assert_close(sums(x, radius), expected, rtol=1e-12, atol=0)
+
+
 def test_conv_work_grows_linearly_in_tokens():
     def flops(side):
         q, v = torch.randn(1, side, side, 16), torch.randn(1, side, side, 16)
@@ -237,8 +254,12 @@ def test_conv_work_grows_linearly_in_tokens():
         with counter:
             aft_conv2d(q, k, v, w, method='conv')
         return counter.get_total_flops()
-    small, large = flops(32), flops(128)  # 16x the tokens
-    assert large == 16 * small
+    # above H + W = 2 s^2 the sums outside the window are prefix sums: the work is the convolution's, linear in T
+    linear_per_token = flops(256) / 256 ** 2
+    assert flops(128) / 128 ** 2 == linear_per_token
+    # below, the 0/1 products add H + W <= 2 s^2 multiply-adds a value to the window's s^2: at most 3x as much
+    for side in (16, 32, 64, 120):
+        assert linear_per_token < flops(side) / side ** 2 <= 3 * linear_per_token
 
 
 def test_local_window_mask_2d_matches_loops():

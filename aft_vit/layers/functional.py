@@ -234,10 +234,49 @@ def aft_local(
 def _sum_outside_window(x: torch.Tensor, radius: int) -> torch.Tensor:
     """For (B, G, H, W) x: at each (y, x), the sum over positions outside the centred (2r+1)^2 window.
 
-    Built only from sums of the terms themselves (prefix and suffix sums of rows, then of the
-    band of rows the window spans), never as "total minus window": that subtraction cancels
-    catastrophically when the window holds the dominant keys.
+    Built only from sums of the terms themselves, never as "total minus window": that subtraction cancels
+    catastrophically when the window holds the dominant keys. Products with 0/1 matrices
+    (:func:`_sum_outside_window_by_products`) while their H + W multiply-adds per value stay within twice the
+    window's (2r+1)^2, prefix sums (:func:`_sum_outside_window_by_prefix_sums`) on larger grids, so that the work
+    stays linear in T (``benchmarks/crossover.py`` times both), and in exported graphs, which serve every size.
     """
+    exporting = not torch.jit.is_scripting() and is_exporting()
+    if not exporting and _products_sum_outside(x.shape[2], x.shape[3], radius):
+        return _sum_outside_window_by_products(x, radius)
+    return _sum_outside_window_by_prefix_sums(x, radius)
+
+
+def _products_sum_outside(height: int, width: int, radius: int) -> bool:
+    """Whether :func:`_sum_outside_window` uses products on this grid: their H + W multiply-adds a value within
+    twice the window's (2r+1)^2."""
+    return height + width <= 2 * (2 * radius + 1) ** 2
+
+
+def _sum_outside_window_by_products(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """:func:`_sum_outside_window` as the rows outside the band y-r..y+r, whole, plus the band's columns outside
+    x-r..x+r: three batched products with 0/1 matrices (along H of the row sums, along H of x, along W of the band),
+    which read channels-last x without a copy. O(T (H + W)) work, in few passes over memory."""
+    batch, channels, height, width = x.shape
+    near_rows = _within(height, radius, x)  # (H, H), symmetric
+    far_cols = 1 - _within(width, radius, x)
+    pixels = x.permute(0, 2, 3, 1)  # (B, H, W, G): a view of channels-last x
+    band = torch.bmm(near_rows.expand(batch, height, height), pixels.reshape(batch, height, width * channels))
+    outside = torch.bmm(far_cols.expand(batch * height, width, width), band.view(batch * height, width, channels))
+    far_row_sums = torch.bmm((1 - near_rows).expand(batch, height, height), pixels.sum(dim=2))  # (B, H, G)
+    outside = outside.view(batch, height, width, channels).add_(far_row_sums.unsqueeze(2))
+    return outside.permute(0, 3, 1, 2)
+
+
+def _within(size: int, radius: int, like: torch.Tensor) -> torch.Tensor:
+    """(size, size) 1 where two positions along one axis are at most ``radius`` apart, else 0, in ``like``'s
+    dtype (built from the size alone: an exported graph serves every size)."""
+    positions = torch.arange(size, device=like.device)
+    return ((positions.unsqueeze(1) - positions.unsqueeze(0)).abs() <= radius).to(like.dtype)
+
+
+def _sum_outside_window_by_prefix_sums(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """:func:`_sum_outside_window` from prefix and suffix sums of rows, then of the band of rows the window spans:
+    O(T) work, in more passes over memory than the products."""
     channels = x.shape[1]
     rows = x.sum(dim=-1)  # (B, G, H)
     ones = torch.ones(channels, 1, 2 * radius + 1, 1, dtype=x.dtype, device=x.device)
@@ -352,7 +391,7 @@ def dense_is_cheaper(num_tokens: int, kernel_size: int, num_heads: int = 1,
     (h, T, T) weights (16 MiB in float32 per block; above it the weights cost more memory, and, rebuilt every
     training step or read cold at batch 1, more time than the convolution saves). The dense product does T^2
     work per channel, the convolution T s^2, but at a far lower rate on a CPU (a depthwise s x s convolution
-    plus the prefix sums outside the window): measured by
+    plus the sums outside the window): measured by
     ``benchmarks/crossover.py``, the dense product is 1.3 to 2.6x faster up to T = 400 (s = 11) and the
     convolution overtakes it in training near T = 500 (benchmarks/README.md names the processors)."""
     return num_tokens <= 4 * kernel_size * kernel_size and num_heads * num_tokens * num_tokens <= max_weights
@@ -403,7 +442,7 @@ def aft_conv2d(
 
     The paper writes the sums as a convolution with ``exp(w) - 1`` plus the global sum. Here
     the window part is a convolution with ``exp(w - c)`` and the rest is the sum over keys
-    outside the window times ``exp(-c)``, computed from prefix sums (:func:`_sum_outside_window`):
+    outside the window times ``exp(-c)``, summed without subtracting (:func:`_sum_outside_window`):
     the same O(T s^2) work, but no difference of large sums, so keys and biases of any
     magnitude stay exact. ``c = max(0, max(w))`` per head keeps ``exp`` finite; like K's
     maximum, it cancels. Numerator and denominator share every product: per head, C/h
