@@ -391,9 +391,9 @@ def dense_is_cheaper(num_tokens: int, kernel_size: int, num_heads: int = 1,
     (h, T, T) weights (16 MiB in float32 per block; above it the weights cost more memory, and, rebuilt every
     training step or read cold at batch 1, more time than the convolution saves). The dense product does T^2
     work per channel, the convolution T s^2, but at a far lower rate on a CPU (a depthwise s x s convolution
-    plus the sums outside the window): measured by
-    ``benchmarks/crossover.py``, the dense product is 1.3 to 2.6x faster up to T = 400 (s = 11) and the
-    convolution overtakes it in training near T = 500 (benchmarks/README.md names the processors)."""
+    plus the sums outside the window): measured by ``benchmarks/crossover.py`` on three processors, the dense
+    product is 1.15 to 4.4x faster up to T = 256 (s = 11) in every layout, batch and mode, and the convolution
+    overtakes it in the tiny layout's training between T = 400 and 576 (benchmarks/README.md names the processors)."""
     return num_tokens <= 4 * kernel_size * kernel_size and num_heads * num_tokens * num_tokens <= max_weights
 
 
