@@ -257,21 +257,14 @@ def _sum_outside_window_by_products(x: torch.Tensor, radius: int) -> torch.Tenso
     x-r..x+r: three batched products with 0/1 matrices (along H of the row sums, along H of x, along W of the band),
     which read channels-last x without a copy. O(T (H + W)) work, in few passes over memory."""
     batch, channels, height, width = x.shape
-    near_rows = _within(height, radius, x)  # (H, H), symmetric
-    far_cols = 1 - _within(width, radius, x)
+    near_rows = local_window_mask(height, radius + 1, x.device).to(x.dtype)  # (H, H) 0/1, |y - y'| <= r
+    far_cols = 1 - local_window_mask(width, radius + 1, x.device).to(x.dtype)
     pixels = x.permute(0, 2, 3, 1)  # (B, H, W, G): a view of channels-last x
     band = torch.bmm(near_rows.expand(batch, height, height), pixels.reshape(batch, height, width * channels))
     outside = torch.bmm(far_cols.expand(batch * height, width, width), band.view(batch * height, width, channels))
     far_row_sums = torch.bmm((1 - near_rows).expand(batch, height, height), pixels.sum(dim=2))  # (B, H, G)
     outside = outside.view(batch, height, width, channels).add_(far_row_sums.unsqueeze(2))
     return outside.permute(0, 3, 1, 2)
-
-
-def _within(size: int, radius: int, like: torch.Tensor) -> torch.Tensor:
-    """(size, size) 1 where two positions along one axis are at most ``radius`` apart, else 0, in ``like``'s
-    dtype (built from the size alone: an exported graph serves every size)."""
-    positions = torch.arange(size, device=like.device)
-    return ((positions.unsqueeze(1) - positions.unsqueeze(0)).abs() <= radius).to(like.dtype)
 
 
 def _sum_outside_window_by_prefix_sums(x: torch.Tensor, radius: int) -> torch.Tensor:
