@@ -100,13 +100,17 @@ def test_aft_conv2d_equals_aft_full_with_dense_bias(heads):
 
 @pytest.mark.parametrize('std,offset', MAGNITUDES)
 def test_aft_conv2d_conv_path_in_head_chunks_matches_formula(std, offset, monkeypatch):
-    """Without autograd the convolution path runs a few heads at a time; every chunk size gives the formula."""
+    """Without autograd the convolution path runs a few heads at a time, written in place into each head's columns;
+    every chunk size gives the formula, for separate inputs and for views of one fused qkv tensor (as the mixers
+    pass them)."""
     from aft_vit.layers import functional
     q, k, v, w = _grid(heads=4, channels=8, size=5, std=std, offset=offset)
     expected = naive_aft_conv2d(q, k, v, w)
+    fused = torch.cat([q, k, v], dim=-1).split([8, 4, 8], dim=-1)
     for chunk_bytes in (1, 2 * 7 * 6 * 12 * 8 // 2, 2 ** 40):  # one head, two heads, all heads per chunk
         monkeypatch.setattr(functional, 'CONV_CHUNK_BYTES', chunk_bytes)
-        torch.testing.assert_close(aft_conv2d(q, k, v, w, method='conv'), expected, **EXACT)
+        for inputs in ((q, k, v), fused):
+            torch.testing.assert_close(aft_conv2d(*inputs, w, method='conv'), expected, **EXACT)
 
 
 def _float32_large():

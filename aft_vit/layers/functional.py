@@ -26,7 +26,7 @@ device, in TorchScript and ``torch.compile``; timm's FX tracer treats them as
 leaf calls (their argument checks branch on shapes).
 """
 import functools
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -481,49 +481,68 @@ def aft_conv2d(
 
 
 # Without autograd, the convolution path runs a few heads at a time so that its intermediates, each
-# B * T * (C + h) / chunks values, stay under this size; above it, peak memory at high resolution would
-# exceed attention's. Small enough for a 2-core CPU's cache, large enough that the per-chunk calls are cheap.
-CONV_CHUNK_BYTES = 2 * 2 ** 20
+# B * T * (C + h) / chunks values, stay under this size. Written in place (``_aft_conv2d_conv(out=)``), about four
+# of them are live at once: fewer than the MLP's 4 C hidden values a token and their GELU hold, so a model's peak
+# memory stays the MLP's, while a chunk this large keeps the depthwise convolution on many channels at once, where
+# it runs faster a channel (``benchmarks/throughput.py`` at 896 px, benchmarks/README.md).
+CONV_CHUNK_BYTES = 8 * 2 ** 20
 
 
 @torch.jit.unused
 def _aft_conv2d_conv_by_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """:func:`_aft_conv2d_conv` over groups of heads (heads are independent), written into one output."""
+    """:func:`_aft_conv2d_conv` without autograd, over groups of heads (heads are independent), each written into
+    its columns of one output."""
     batch, height, width, channels = q.shape
     num_heads = k.shape[3]
     head_dim = channels // num_heads
     stacked_bytes = batch * height * width * (channels + num_heads) * max(q.element_size(), 4)
     chunks = min(num_heads, -(-stacked_bytes // CONV_CHUNK_BYTES))
-    if chunks <= 1:
-        return _aft_conv2d_conv(q, k, v, weight)
     heads_per_chunk = -(-num_heads // chunks)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, v.dtype), device=q.device)
     for start in range(0, num_heads, heads_per_chunk):
         stop = min(num_heads, start + heads_per_chunk)
         cols = slice(start * head_dim, stop * head_dim)
-        out[..., cols] = _aft_conv2d_conv(q[..., cols], k[..., start:stop], v[..., cols], weight[start:stop])
+        _aft_conv2d_conv(q[..., cols], k[..., start:stop], v[..., cols], weight[start:stop], out=out[..., cols])
     return out
 
 
-def _aft_conv2d_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The convolution path of :func:`aft_conv2d` on checked inputs: O(T s^2) work, O(B T C) memory."""
+def _aft_conv2d_conv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The convolution path of :func:`aft_conv2d` on checked inputs: O(T s^2) work, O(B T C) memory.
+
+    With ``out`` (only without autograd, which the in-place steps would break), the result is written there and
+    the ratio and the gate reuse the sums' buffers: the high resolutions this path serves are where peak memory
+    counts, and every pass fewer over B T C values counts.
+    """
     batch, height, width, channels = q.shape
     num_heads = k.shape[3]
     kernel_size = weight.shape[-1]
     head_dim = channels // num_heads
     group = head_dim + 1
     window_kernel, outside_weight = _exp_window_weights(weight)  # (h, s, s) and (h,), in (0, 1]
-    exp_k = torch.exp(k - k.detach().amax(dim=[1, 2], keepdim=True))  # (B, H, W, h)
-    exp_k_v = exp_k.unsqueeze(-1) * v.reshape(batch, height, width, num_heads, head_dim)
+    exp_k = torch.exp(k - k.detach().amax(dim=[1, 2], keepdim=True)).unsqueeze(-1)  # (B, H, W, h, 1)
+    values = v.reshape(batch, height, width, num_heads, head_dim)
     # (B, H, W, h, d + 1): per head, d numerator channels then one denominator channel
-    stacked = torch.cat([exp_k_v, exp_k.unsqueeze(-1)], dim=-1)
+    if out is None:
+        stacked = torch.cat([exp_k * values, exp_k], dim=-1)
+    else:
+        stacked = torch.empty(batch, height, width, num_heads, group, dtype=torch.promote_types(exp_k.dtype, v.dtype),
+                              device=v.device)
+        torch.mul(exp_k, values, out=stacked[..., :head_dim])
+        stacked[..., head_dim:] = exp_k
     # channels-last view of the NHWC data: the convolutions read it without a transposing copy
-    conv_in = stacked.reshape(batch, height, width, num_heads * group).permute(0, 3, 1, 2)
+    conv_in = stacked.view(batch, height, width, num_heads * group).permute(0, 3, 1, 2)
     conv_kernel = window_kernel.unsqueeze(1).expand(num_heads, group, kernel_size, kernel_size)
     conv_kernel = conv_kernel.reshape(num_heads * group, 1, kernel_size, kernel_size).to(conv_in.dtype)
     inside = F.conv2d(conv_in, conv_kernel, padding=kernel_size // 2, groups=num_heads * group)
     outside = _sum_outside_window(conv_in, kernel_size // 2)
-    total = torch.addcmul(inside, outside, outside_weight.repeat_interleave(group)[:, None, None].to(outside.dtype))
+    # in place: the convolution's backward does not read its output
+    total = inside.addcmul_(outside, outside_weight.repeat_interleave(group)[:, None, None].to(outside.dtype))
     total = total.permute(0, 2, 3, 1).reshape(batch, height, width, num_heads, group)
-    out = total[..., :head_dim] / total[..., head_dim:]
-    return torch.sigmoid(q) * out.reshape(batch, height, width, channels)
+    if out is None:
+        ratio = total[..., :head_dim] / total[..., head_dim:]
+        return torch.sigmoid(q) * ratio.reshape(batch, height, width, channels)
+    ratio = total[..., :head_dim].div_(total[..., head_dim:])
+    torch.sigmoid(q, out=out)
+    out.view(batch, height, width, num_heads, head_dim).mul_(ratio)
+    return out
