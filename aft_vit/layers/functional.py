@@ -385,8 +385,10 @@ def dense_is_cheaper(num_tokens: int, kernel_size: int, num_heads: int = 1,
     training step or read cold at batch 1, more time than the convolution saves). The dense product does T^2
     work per channel, the convolution T s^2, but at a far lower rate on a CPU (a depthwise s x s convolution
     plus the sums outside the window): measured by ``benchmarks/crossover.py`` on three processors, the dense
-    product is 1.15 to 4.4x faster up to T = 256 (s = 11) in every layout, batch and mode, and the convolution
-    overtakes it in the tiny layout's training between T = 400 and 576 (benchmarks/README.md names the processors)."""
+    product is 1.03 to 4.4x faster up to T = 256 (s = 11) in every layout, batch and mode, and the convolution
+    overtakes it in the tiny layout's training between T = 400 and 576 and, on the one processor measured since the
+    convolution path's inference runs in place, in the 16-head layout's inference at T = 484
+    (benchmarks/README.md names the processors)."""
     return num_tokens <= 4 * kernel_size * kernel_size and num_heads * num_tokens * num_tokens <= max_weights
 
 
