@@ -23,6 +23,7 @@ from _measure import markdown_table, median_seconds, update_readme  # noqa: E402
 
 SIDES = (12, 14, 16, 20, 22, 24, 28)
 KERNEL = 11
+LAYOUTS = ((192, 32), (384, 16))  # (C, h): aft_conv_tiny's, aft_conv_small's
 
 
 def _time(side: int, channels: int, heads: int, batch: int, method: str, train: bool) -> float:
@@ -47,15 +48,16 @@ def _time(side: int, channels: int, heads: int, batch: int, method: str, train: 
 OUTSIDE_SIDES = (14, 28, 56, 96, 120, 128, 192)
 
 
-def _outside_sums_row() -> dict:
+def _outside_sums_row(channels: int, heads: int) -> dict:
     """Prefix-sum time / product time of the sums outside the window, per grid side ('picked': what the
-    convolution path uses there)."""
+    convolution path uses there), for the C + h channels the path stacks."""
     from aft_vit.layers.functional import (
         _products_sum_outside, _sum_outside_window_by_prefix_sums, _sum_outside_window_by_products)
-    row = {'sums outside the window': 'C=192, h=32 (224 stacked channels), batch 1'}
+    stacked = channels + heads
+    row = {'sums outside the window': f'C={channels}, h={heads} ({stacked} stacked channels), batch 1'}
     radius = KERNEL // 2
     for side in OUTSIDE_SIDES:
-        x = torch.rand(1, side, side, 224, generator=torch.Generator().manual_seed(0)).permute(0, 3, 1, 2)
+        x = torch.rand(1, side, side, stacked, generator=torch.Generator().manual_seed(0)).permute(0, 3, 1, 2)
         with torch.inference_mode():
             by_prefix = median_seconds(lambda: _sum_outside_window_by_prefix_sums(x, radius), repeats=7, inner=3)
             by_products = median_seconds(lambda: _sum_outside_window_by_products(x, radius), repeats=7, inner=3)
@@ -79,7 +81,7 @@ def main() -> None:
     parser.add_argument('--update-readme', action='store_true')
     args = parser.parse_args()
     rows = []
-    for channels, heads in ((192, 32), (384, 16)):
+    for channels, heads in LAYOUTS:
         for batch, train in ((1, False), (8, False), (8, True)):
             row = {'layout': f'C={channels}, h={heads}', 'batch': batch, 'mode': 'train' if train else 'infer'}
             for side in SIDES:
@@ -96,7 +98,7 @@ def main() -> None:
             + markdown_table(rows, ['layout', 'batch', 'mode'] + [f'T={s * s}' for s in SIDES])
             + '\n\nWithin the convolution path, each cell: prefix-sum time / product time of the sums outside the '
             'window (above 1: products faster), and which of the two the path uses at that grid side.\n\n'
-            + markdown_table([_outside_sums_row()],
+            + markdown_table([_outside_sums_row(*LAYOUTS[0])],
                              ['sums outside the window'] + [f'side {s}' for s in OUTSIDE_SIDES]))
     print(text)
     if args.update_readme:
