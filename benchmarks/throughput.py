@@ -13,11 +13,13 @@ the state one step leaves to the next, hit all models alike); the median of the 
 fresh process per configuration, its RSS high-water mark above its state right before the first step, with glibc
 serving every allocation of 64 KiB or more by mmap so that the mark follows live tensors (CPU; see
 ``_measure.run_isolated``), or torch's allocator peak (GPU). Ratios are AFT / DeiT at the same resolution, batch and
-mode.
+mode. Page faults: the median of the minor page faults a timed step took (console and CSV only).
 """
 import argparse
 import csv
 import json
+import resource
+import statistics
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -67,6 +69,12 @@ def _step_fn(model, mode: str, batch: int, res: int, device: torch.device, amp: 
     return step
 
 
+def minor_page_faults() -> int:
+    """Page faults this process has taken that needed no disk: each maps a fresh (zeroed) page, as glibc's large
+    allocations and regrown heap tops do, and costs time that the step's own work does not show."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize()
@@ -109,7 +117,7 @@ def measure_throughput(models: List[str], res: int, batches: List[int], modes: L
     # one model per mode: a training step must not change the weights (or the train / eval mode) that the
     # inference steps measure, or AFT-conv would rebuild its kernel-derived weights after every optimizer step
     built = {(m, c, mode): _build(m, res, device, c) for m in models for c in variants for mode in modes}
-    times = {}
+    times, faults = {}, {}
     for mode in modes:
         for b in batches:
             group = [(m, b, mode, c) for c in variants for m in models]
@@ -123,11 +131,16 @@ def measure_throughput(models: List[str], res: int, batches: List[int], modes: L
                     def timed():
                         steps[cfg]()
                         _sync(device)
-                    times.setdefault(cfg, []).append(median_seconds(timed, repeats=1, inner=2 if b <= 8 else 1))
+                    inner = 2 if b <= 8 else 1
+                    before = minor_page_faults()
+                    times.setdefault(cfg, []).append(median_seconds(timed, repeats=1, inner=inner))
+                    faults.setdefault(cfg, []).append((minor_page_faults() - before) / inner)
     rows = {}
     for (m, b, mode, c), ts in times.items():
         row = rows.setdefault((m, b, mode), dict(model=m, res=res, batch=b, mode=mode))
         row['compiled_img_s' if c else 'img_s'] = b / sorted(ts)[len(ts) // 2]
+        if not c:
+            row['faults'] = statistics.median(faults[(m, b, mode, c)])
     return list(rows.values())
 
 
@@ -211,11 +224,12 @@ def main() -> None:
                                        measures_memory=True)['peak_mib']
             compiled = f' {r["compiled_img_s"]:9.1f} img/s compiled' if 'compiled_img_s' in r else ''
             print(f'{r["model"]:<24} {res:>4}px b{r["batch"]:<4} {r["mode"]:<5} {r["img_s"]:9.1f} img/s '
-                  f'{r["peak_mib"]:9.1f} MiB{compiled}', flush=True)
+                  f'{r["peak_mib"]:9.1f} MiB {r["faults"]:9.0f} page faults/step{compiled}', flush=True)
         rows += res_rows
     out = Path(args.out)
     with open(out.with_suffix('.csv'), 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=['model', 'res', 'batch', 'mode', 'img_s', 'compiled_img_s', 'peak_mib'])
+        writer = csv.DictWriter(f, fieldnames=['model', 'res', 'batch', 'mode', 'img_s', 'compiled_img_s', 'peak_mib',
+                                                  'faults'])
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, out.with_suffix('.png'), machine)

@@ -13,8 +13,10 @@ import torch
 from aft_vit.layers import AftConv, AftFull, AftLocal
 from aft_vit.layers import functional
 from aft_vit.layers.cache import derived_cache
-from aft_vit.layers.dense import _dense_ops, _DenseAft
+from aft_vit.layers.dense import _dense_ops, _DenseAft, aft_dense_overwriting, can_overwrite
 from aft_vit.layers.functional import aft_full, conv_window_weights, full_bias_weights, local_window_mask_2d
+
+from .reference import naive_aft
 
 GRID = (6, 5)
 
@@ -162,6 +164,47 @@ def test_hand_written_backward_matches_autograd(heads, shared):
         results.append((out, *torch.autograd.grad(out, (q, k, v, w), grad)))
     for ours, reference in zip(*results):
         torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('heads,shared', [(4, False), (8, True), (1, False)])
+def test_inference_overwriting_in_batch_chunks_matches_the_formula(heads, shared, monkeypatch):
+    """The in-place inference path, given views of one fused qkv tensor as the mixers give it, in chunks of two
+    images and a last one of one, against the literal formula per head (float64)."""
+    monkeypatch.setattr('aft_vit.layers.dense.OVERWRITING_CHUNK_BYTES', 2 * 7 * (8 // heads + 1) * heads * 8)
+    g = torch.Generator().manual_seed(0)
+    batch, tokens, channels = 5, 7, 8
+    fused = torch.randn(batch, tokens, 2 * channels + heads, generator=g, dtype=torch.float64)
+    fused[..., channels:channels + heads] *= 3
+    bias = torch.randn(1 if shared else heads, tokens, tokens, generator=g, dtype=torch.float64)  # (query, key)
+    q, k, v = (t.clone() for t in fused.split([channels, heads, channels], dim=-1))
+    head_dim = channels // heads
+    expected = torch.cat([
+        naive_aft(q[..., i * head_dim:(i + 1) * head_dim], k[..., i:i + 1].expand(-1, -1, head_dim),
+                  v[..., i * head_dim:(i + 1) * head_dim], bias[0 if shared else i]) for i in range(heads)], dim=-1)
+    assert can_overwrite(*fused.split([channels, heads, channels], dim=-1))
+    out = aft_dense_overwriting(*fused.split([channels, heads, channels], dim=-1), bias.exp().transpose(1, 2))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    assert out.is_contiguous() and out.shape == (batch, tokens, channels)
+
+
+def test_only_projections_without_gradients_in_the_products_dtype_are_overwritten():
+    q, v = torch.randn(2, 7, 8), torch.randn(2, 7, 8)
+    k = torch.randn(2, 7, 4, requires_grad=True)
+    assert not can_overwrite(q, k, v)  # autograd records k
+    with torch.no_grad():
+        assert can_overwrite(q, k, v)
+        assert not can_overwrite(q.bfloat16(), k.bfloat16(), v.bfloat16())  # bfloat16 autocast's projections
+
+
+@pytest.mark.parametrize('kind', ['conv', 'full', 'local'])
+def test_mixers_in_inference_overwrite_only_their_own_projections(kind, monkeypatch):
+    """A batch of five, one image per chunk: the mixer's output as under autograd, and the caller's input untouched."""
+    monkeypatch.setattr('aft_vit.layers.dense.OVERWRITING_CHUNK_BYTES', 1)
+    mixer = _mixer() if kind == 'conv' else _bias_mixer({'full': AftFull, 'local': AftLocal}[kind])
+    x = torch.randn(5, 30 if kind == 'conv' else 31, 16)
+    before = x.clone()
+    torch.testing.assert_close(_cached(mixer, x), _uncached(mixer, x), rtol=1e-6, atol=1e-7)
+    assert torch.equal(x, before)
 
 
 def _bias_mixer(cls, seed: int = 0):

@@ -23,7 +23,7 @@ from typing import ContextManager, Optional, Tuple
 
 import torch
 
-__all__ = ['aft_dense', 'is_exporting', 'positive_weights']
+__all__ = ['aft_dense', 'aft_dense_overwriting', 'can_overwrite', 'is_exporting', 'positive_weights']
 
 
 def _autocast_off(device_type: str) -> ContextManager:
@@ -214,6 +214,58 @@ def _dense_op_backward(ctx, grad: torch.Tensor, *unused_grads: Optional[torch.Te
 
 
 _dense_forward_op.register_autograd(_dense_op_backward, setup_context=_dense_op_setup)
+
+
+# The most bytes of stacked inputs that :func:`aft_dense_overwriting` holds at once (and as many of their product).
+OVERWRITING_CHUNK_BYTES = 4 * 2 ** 20
+
+
+@torch.jit.unused
+def can_overwrite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`aft_dense_overwriting` may take these projections: no gradient is recorded for them, they are
+    in the product's own dtype (float32 or float64: under bfloat16 autocast ``k``'s exp must not be rounded), and
+    nothing traces or compiles the call (a graph must not see its inputs change)."""
+    if is_exporting() or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return q.dtype in (torch.float32, torch.float64) and q.dtype == k.dtype == v.dtype
+
+
+@torch.jit.unused
+def aft_dense_overwriting(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """:func:`aft_dense` for a mixer's own projections in inference: ``k`` is overwritten by ``exp(k - max)`` and
+    ``q`` by ``sigmoid(q)``; the batch is mixed in chunks of up to ``OVERWRITING_CHUNK_BYTES`` of stacked inputs.
+
+    Why: at batch 32 :func:`_dense_forward`'s whole-batch temporaries (the shifted keys, the stacked inputs and
+    their product, the gate, the output) are 68 MB a block for AFT-full small. glibc gives such heap tops back to
+    the system when they are freed and maps them again, zeroed, page by page, in the next block: a forward took
+    about twice DeiT-small's page faults (benchmarks/README.md, "Page faults"). Each image's product is the same
+    in a chunk as in the whole batch. Takes :func:`can_overwrite`'s inputs, each with unit stride along
+    channels (views of one fused qkv output); returns a new contiguous (B, T, C) tensor.
+    """
+    batch, num_tokens, channels = q.shape
+    num_heads = k.shape[-1]
+    head_dim = channels // num_heads
+    shared = weights.shape[0] != num_heads
+    weights = weights.to(q.dtype)
+    k.sub_(k.amax(dim=1, keepdim=True)).exp_()
+    gate = q.sigmoid_()
+    out = torch.empty(batch, num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    per_image = num_tokens * (head_dim + 1) * num_heads * q.element_size()
+    step = max(1, OVERWRITING_CHUNK_BYTES // per_image)
+    with _autocast_off(q.device.type):
+        for start in range(0, batch, step):
+            end = min(batch, start + step)
+            x = _empty_stack(end - start, num_tokens, num_heads, head_dim, shared, q.dtype, q.device)
+            exp_k = x[:, :, head_dim:]
+            exp_k.copy_(k[start:end].permute(2, 0, 1).unsqueeze(2))
+            values = v[start:end].reshape(end - start, num_tokens, num_heads, head_dim).permute(2, 0, 3, 1)
+            torch.mul(exp_k, values, out=x[:, :, :head_dim])
+            y = _product(x, weights, shared)
+            ratio = y[:, :, :head_dim].div_(y[:, :, head_dim:]).permute(1, 3, 0, 2)
+            torch.mul(gate[start:end].reshape(end - start, num_tokens, num_heads, head_dim), ratio, out=out[start:end])
+    return out.view(batch, num_tokens, channels)
 
 
 @torch.jit.unused

@@ -18,6 +18,7 @@ from .cache import derived_cache
 from .functional import (
     CACHED_WEIGHTS_LIMIT, aft_conv2d, aft_full, aft_full_dense, aft_simple, cached_local_window_mask_2d,
     full_bias_weights, is_exporting, local_window_mask_2d, reparameterized_kernel)
+from .dense import aft_dense_overwriting, can_overwrite
 from .reuse import aft_conv2d_reusing_kernel
 
 __all__ = ['AftMixer', 'AftFull', 'AftLocal', 'AftSimple', 'AftConv', 'MixerArgs', 'MIXERS', 'get_mixer']
@@ -237,6 +238,8 @@ class AftFull(AftMixer, name='full'):
         grid = (int(feat_size[0]), int(feat_size[1]))
         weights = derived_cache(self.pos_bias_u).get(
             self._bias_params(), grid, lambda: full_bias_weights(self.position_bias(grid)))
+        if can_overwrite(q, k, v):  # q, k, v are this call's own projections
+            return aft_dense_overwriting(q, k, v, weights)
         return aft_full_dense(q, k, v, weights)
 
 
@@ -344,4 +347,4 @@ class AftConv(AftMixer, name='conv'):
         (:func:`aft_conv2d_reusing_kernel`; under torch.compile through its operator)."""
         if torch.compiler.is_compiling():
             return torch.ops.aft_vit.conv2d_reusing_kernel(q, k, v, *self._kernel_params(), self.eps)
-        return aft_conv2d_reusing_kernel(q, k, v, *self._kernel_params(), self.eps)
+        return aft_conv2d_reusing_kernel(q, k, v, *self._kernel_params(), self.eps, overwrite=can_overwrite(q, k, v))

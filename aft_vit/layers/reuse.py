@@ -10,16 +10,20 @@ is given (:func:`~aft_vit.layers.cache.derived_cache`), the same objects on ever
 import torch
 
 from .cache import derived_cache
+from .dense import aft_dense_overwriting
 from .functional import aft_conv2d, aft_conv2d_dense, conv_window_weights, dense_is_cheaper, reparameterized_kernel
 
 __all__ = ['aft_conv2d_reusing_kernel']
 
 
 def aft_conv2d_reusing_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor,
-                              gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+                              gamma: torch.Tensor, beta: torch.Tensor, eps: float, overwrite: bool = False
+                              ) -> torch.Tensor:
     """:func:`~aft_vit.layers.aft_conv2d` with the effective kernel (:func:`reparameterized_kernel`) and, on grids
     where the dense product is cheaper, its (h, T, T) weights, each built once until ``kernel``, ``gamma`` or
-    ``beta`` change. For parameters that get no gradient: the entries are built without autograd."""
+    ``beta`` change. For parameters that get no gradient: the entries are built without autograd. ``overwrite``:
+    the dense product may overwrite q and k (:func:`~aft_vit.layers.dense.aft_dense_overwriting`), for a mixer's
+    own projections that :func:`~aft_vit.layers.dense.can_overwrite` accepts."""
     params = [kernel, gamma, beta]
     cache = derived_cache(kernel)
     effective = cache.get(params, ('kernel', eps), lambda: reparameterized_kernel(kernel, gamma, beta, eps))
@@ -27,6 +31,11 @@ def aft_conv2d_reusing_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not dense_is_cheaper(height * width, kernel.shape[-1], kernel.shape[0]):
         return aft_conv2d(q, k, v, effective, method='conv')
     weights = cache.get(params, ('dense', height, width), lambda: conv_window_weights(effective, height, width))
+    if overwrite:
+        batch, num_tokens = q.shape[0], height * width
+        out = aft_dense_overwriting(q.reshape(batch, num_tokens, -1), k.reshape(batch, num_tokens, -1),
+                                    v.reshape(batch, num_tokens, -1), weights)
+        return out.view(q.shape)
     return aft_conv2d_dense(q, k, v, weights)
 
 
