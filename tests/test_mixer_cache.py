@@ -207,6 +207,18 @@ def test_mixers_in_inference_overwrite_only_their_own_projections(kind, monkeypa
     assert torch.equal(x, before)
 
 
+@pytest.mark.parametrize('kind', ['conv', 'full'])
+def test_a_kept_qkv_output_is_not_overwritten(kind):
+    """A forward hook that keeps the qkv projection's output (feature extraction) gets it as computed."""
+    mixer = _mixer() if kind == 'conv' else _bias_mixer(AftFull)
+    x = torch.randn(2, 30 if kind == 'conv' else 31, 16)
+    kept = []
+    handle = mixer.qkv.register_forward_hook(lambda module, args, out: kept.append(out))
+    _cached(mixer, x)
+    handle.remove()
+    torch.testing.assert_close(kept[0], mixer.qkv(x.reshape(kept[0].shape[:-1] + (16,))), rtol=0, atol=0)
+
+
 def _bias_mixer(cls, seed: int = 0):
     """An AFT-full / AFT-local mixer with a class token and bias factors far from their near-zero init, so that a
     stale bias would show in the output."""

@@ -112,6 +112,13 @@ class AftMixer(nn.Module):
         derived from them alone can be reused until they change."""
         return self._may_cache() and not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
 
+    @torch.jit.unused
+    def _may_overwrite(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether the product may overwrite these projections (:func:`can_overwrite`): not while a forward hook
+        (on ``qkv`` or global) may have kept ``qkv``'s output, which would then change under it."""
+        hooked = self.qkv._forward_hooks or nn.modules.module._global_forward_hooks
+        return not hooked and can_overwrite(q, k, v)
+
     def _project_in(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self.qkv(x).split([self.dim, self.key_dim, self.dim], dim=-1)
         return q, k, v
@@ -238,7 +245,7 @@ class AftFull(AftMixer, name='full'):
         grid = (int(feat_size[0]), int(feat_size[1]))
         weights = derived_cache(self.pos_bias_u).get(
             self._bias_params(), grid, lambda: full_bias_weights(self.position_bias(grid)))
-        if can_overwrite(q, k, v):  # q, k, v are this call's own projections
+        if self._may_overwrite(q, k, v):  # q, k, v are this call's own projections
             return aft_dense_overwriting(q, k, v, weights)
         return aft_full_dense(q, k, v, weights)
 
@@ -347,4 +354,5 @@ class AftConv(AftMixer, name='conv'):
         (:func:`aft_conv2d_reusing_kernel`; under torch.compile through its operator)."""
         if torch.compiler.is_compiling():
             return torch.ops.aft_vit.conv2d_reusing_kernel(q, k, v, *self._kernel_params(), self.eps)
-        return aft_conv2d_reusing_kernel(q, k, v, *self._kernel_params(), self.eps, overwrite=can_overwrite(q, k, v))
+        return aft_conv2d_reusing_kernel(q, k, v, *self._kernel_params(), self.eps,
+                                         overwrite=self._may_overwrite(q, k, v))
