@@ -16,7 +16,9 @@ one matrix product per head, (B (d + 1), T) @ (T, T), efficient even at batch 1;
 (:class:`_DenseAft`; under torch.compile the operators ``aft_vit::dense_forward`` / ``dense_backward``): two
 more products and a few elementwise passes, instead of autograd's graph of a dozen ops. Computed in float32 at
 least (float64 stays float64): bfloat16 exp-weights would lose the bias' precision, and on CPUs without AMX a
-float32 product is as fast. The output has ``v``'s dtype.
+float32 product is as fast. The output has ``v``'s dtype. In inference the mixers call
+:func:`aft_dense_overwriting`, which works in their own q and k and in batch chunks, so that few large temporaries
+are allocated.
 """
 import contextlib
 from typing import ContextManager, Optional, Tuple
@@ -240,7 +242,7 @@ def aft_dense_overwriting(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wei
     Why: at batch 32 :func:`_dense_forward`'s whole-batch temporaries (the shifted keys, the stacked inputs and
     their product, the gate, the output) are 68 MB a block for AFT-full small. glibc gives such heap tops back to
     the system when they are freed and maps them again, zeroed, page by page, in the next block: a forward took
-    about twice DeiT-small's page faults (benchmarks/README.md, "Page faults"). Each image's product is the same
+    two to three times DeiT-small's page faults (benchmarks/README.md, "Page faults"). Each image's product is the same
     in a chunk as in the whole batch. Takes :func:`can_overwrite`'s inputs, each with unit stride along
     channels (views of one fused qkv output); returns a new contiguous (B, T, C) tensor.
     """
