@@ -13,7 +13,7 @@ import torch
 from aft_vit.layers import AftConv, AftFull, AftLocal
 from aft_vit.layers import functional
 from aft_vit.layers.cache import derived_cache
-from aft_vit.layers.dense import _dense_ops, _DenseAft, aft_dense_overwriting, can_overwrite
+from aft_vit.layers.dense import _dense_ops, _DenseAft, aft_dense_in_chunks, can_overwrite
 from aft_vit.layers.functional import aft_full, conv_window_weights, full_bias_weights, local_window_mask_2d
 
 from .reference import naive_aft
@@ -170,7 +170,7 @@ def test_hand_written_backward_matches_autograd(heads, shared):
 def test_inference_overwriting_in_batch_chunks_matches_the_formula(heads, shared, monkeypatch):
     """The in-place inference path, given views of one fused qkv tensor as the mixers give it, in chunks of two
     images and a last one of one, against the literal formula per head (float64)."""
-    monkeypatch.setattr('aft_vit.layers.dense.OVERWRITING_CHUNK_BYTES', 2 * 7 * (8 // heads + 1) * heads * 8)
+    monkeypatch.setattr('aft_vit.layers.dense.INFERENCE_CHUNK_BYTES', 2 * 7 * (8 // heads + 1) * heads * 8)
     g = torch.Generator().manual_seed(0)
     batch, tokens, channels = 5, 7, 8
     fused = torch.randn(batch, tokens, 2 * channels + heads, generator=g, dtype=torch.float64)
@@ -182,7 +182,8 @@ def test_inference_overwriting_in_batch_chunks_matches_the_formula(heads, shared
         naive_aft(q[..., i * head_dim:(i + 1) * head_dim], k[..., i:i + 1].expand(-1, -1, head_dim),
                   v[..., i * head_dim:(i + 1) * head_dim], bias[0 if shared else i]) for i in range(heads)], dim=-1)
     assert can_overwrite(*fused.split([channels, heads, channels], dim=-1))
-    out = aft_dense_overwriting(*fused.split([channels, heads, channels], dim=-1), bias.exp().transpose(1, 2))
+    out = aft_dense_in_chunks(*fused.split([channels, heads, channels], dim=-1), bias.exp().transpose(1, 2),
+                              overwrite=True)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     assert out.is_contiguous() and out.shape == (batch, tokens, channels)
 
@@ -199,7 +200,7 @@ def test_only_projections_without_gradients_in_the_products_dtype_are_overwritte
 @pytest.mark.parametrize('kind', ['conv', 'full', 'local'])
 def test_mixers_in_inference_overwrite_only_their_own_projections(kind, monkeypatch):
     """A batch of five, one image per chunk: the mixer's output as under autograd, and the caller's input untouched."""
-    monkeypatch.setattr('aft_vit.layers.dense.OVERWRITING_CHUNK_BYTES', 1)
+    monkeypatch.setattr('aft_vit.layers.dense.INFERENCE_CHUNK_BYTES', 1)
     mixer = _mixer() if kind == 'conv' else _bias_mixer({'full': AftFull, 'local': AftLocal}[kind])
     x = torch.randn(5, 30 if kind == 'conv' else 31, 16)
     before = x.clone()

@@ -31,12 +31,14 @@ class ParameterDerivedCache:
         self._entries = {}
 
     def _unchanged(self, params: Sequence[torch.Tensor]) -> bool:
-        if self._sources is None or len(self._sources) != len(params):
+        sources = self._sources
+        if sources is None or len(sources) != len(params):
             return False
-        return all(
-            p.data_ptr() == held.data_ptr() and p._version == version and p.dtype == held.dtype
-            and p.device == held.device and p.shape == held.shape
-            for p, (held, version) in zip(params, self._sources))
+        for p, (held, version) in zip(params, sources):  # a loop: a generator in all() cost more than the checks
+            if (p._version != version or p.data_ptr() != held.data_ptr() or p.dtype != held.dtype
+                    or p.device != held.device or p.shape != held.shape):
+                return False
+        return True
 
     def get(self, params: Sequence[torch.Tensor], key: Hashable, build: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The tensor stored under ``key`` if ``params`` are unchanged since it was built, else ``build()``'s.

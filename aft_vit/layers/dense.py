@@ -16,16 +16,15 @@ one matrix product per head, (B (d + 1), T) @ (T, T), efficient even at batch 1;
 (:class:`_DenseAft`; under torch.compile the operators ``aft_vit::dense_forward`` / ``dense_backward``): two
 more products and a few elementwise passes, instead of autograd's graph of a dozen ops. Computed in float32 at
 least (float64 stays float64): bfloat16 exp-weights would lose the bias' precision, and on CPUs without AMX a
-float32 product is as fast. The output has ``v``'s dtype. In inference the mixers call
-:func:`aft_dense_overwriting`, which works in their own q and k and in batch chunks, so that few large temporaries
-are allocated.
+float32 product is as fast. The output has ``v``'s dtype. Without autograd the batch is mixed in chunks
+(:func:`aft_dense_in_chunks`), so that few large temporaries are allocated; the mixers let it overwrite their own k.
 """
 import contextlib
 from typing import ContextManager, Optional, Tuple
 
 import torch
 
-__all__ = ['aft_dense', 'aft_dense_overwriting', 'can_overwrite', 'is_exporting', 'positive_weights']
+__all__ = ['aft_dense', 'aft_dense_in_chunks', 'can_overwrite', 'is_exporting', 'overwritable', 'positive_weights']
 
 
 def _autocast_off(device_type: str) -> ContextManager:
@@ -231,51 +230,62 @@ def _dense_op_backward(ctx, grad: torch.Tensor, *unused_grads: Optional[torch.Te
 _dense_forward_op.register_autograd(_dense_op_backward, setup_context=_dense_op_setup)
 
 
-# The most bytes of stacked inputs that :func:`aft_dense_overwriting` holds at once (and as many of their product).
-OVERWRITING_CHUNK_BYTES = 4 * 2 ** 20
+# The most bytes of stacked inputs that :func:`aft_dense_in_chunks` holds at once (and as many of their product).
+INFERENCE_CHUNK_BYTES = 4 * 2 ** 20
 
 
 @torch.jit.unused
 def can_overwrite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`aft_dense_overwriting` may take these projections: no gradient is recorded for them, they are
-    in the product's own dtype (float32 or float64: under bfloat16 autocast ``k``'s exp must not be rounded), and
+    """Whether :func:`aft_dense_in_chunks` may overwrite ``k``: no gradient is recorded for the projections, they
+    are in the product's own dtype (float32 or float64: under bfloat16 autocast ``k``'s exp must not be rounded), and
     nothing traces or compiles the call (a graph must not see its inputs change)."""
-    if is_exporting() or torch.compiler.is_compiling():
-        return False
+    return not (is_exporting() or torch.compiler.is_compiling()) and overwritable(q, k, v)
+
+
+@torch.jit.unused
+def overwritable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """:func:`can_overwrite` for callers that already know nothing traces or compiles the call (the mixers, which
+    reuse what they derive only then): the checks on the tensors alone, without the tracer queries."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
     return q.dtype in (torch.float32, torch.float64) and q.dtype == k.dtype == v.dtype
 
 
 @torch.jit.unused
-def aft_dense_overwriting(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """:func:`aft_dense` for a mixer's own projections in inference: ``k`` is overwritten by ``exp(k - max)`` and
-    ``q`` by ``sigmoid(q)``; the batch is mixed in chunks of up to ``OVERWRITING_CHUNK_BYTES`` of stacked inputs.
+def aft_dense_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
+                        overwrite: bool = False) -> torch.Tensor:
+    """:func:`aft_dense` without autograd, the batch in chunks of up to ``INFERENCE_CHUNK_BYTES`` of stacked inputs,
+    each chunk's gated ratio written into its rows of one output. ``overwrite``: ``k`` is overwritten by
+    ``exp(k - max)`` (a mixer's own projection that :func:`can_overwrite` accepts) instead of copied.
 
     Why: at batch 32 :func:`_dense_forward`'s whole-batch temporaries (the shifted keys, the stacked inputs and
     their product, the gate, the output) are 68 MB a block for AFT-full small. glibc gives such heap tops back to
     the system when they are freed and maps them again, zeroed, page by page, in the next block: a forward took
     two to three times DeiT-small's page faults (benchmarks/README.md, "Page faults"). Each image's product is the same
-    in a chunk as in the whole batch. Takes :func:`can_overwrite`'s inputs, each with unit stride along
-    channels (views of one fused qkv output); returns a new contiguous (B, T, C) tensor.
+    in a chunk as in the whole batch. Returns a new contiguous (B, T, C) tensor in ``v``'s dtype.
     """
     batch, num_tokens, channels = q.shape
     num_heads = k.shape[-1]
     head_dim = channels // num_heads
     shared = weights.shape[0] != num_heads
-    weights = weights.to(q.dtype)
-    k.sub_(k.amax(dim=1, keepdim=True)).exp_()
-    gate = q.sigmoid_()
-    out = torch.empty(batch, num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
-    per_image = num_tokens * (head_dim + 1) * num_heads * q.element_size()
-    step = max(1, OVERWRITING_CHUNK_BYTES // per_image)
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    if weights.dtype != dtype:
+        weights = weights.to(dtype)
+    out = torch.empty(batch, num_tokens, num_heads, head_dim, dtype=v.dtype, device=v.device)
+    per_image = num_tokens * (head_dim + 1) * num_heads * torch.finfo(dtype).bits // 8
+    step = max(1, INFERENCE_CHUNK_BYTES // per_image)
     with _autocast_off(q.device.type):
+        if overwrite:
+            exp_k = k.sub_(k.amax(dim=1, keepdim=True)).exp_()
+        else:
+            exp_k = (k.to(dtype) - k.amax(dim=1, keepdim=True).to(dtype)).exp_()
         for start in range(0, batch, step):
             end = min(batch, start + step)
-            x = _empty_stack(end - start, num_tokens, num_heads, head_dim, shared, q.dtype, q.device)
-            ratio = _stacked_product(x, k[start:end], v[start:end], weights, shared)[:, :, :head_dim]
-            torch.mul(gate[start:end].reshape(end - start, num_tokens, num_heads, head_dim), ratio.permute(1, 3, 0, 2),
-                      out=out[start:end])
+            x = _empty_stack(end - start, num_tokens, num_heads, head_dim, shared, dtype, v.device)
+            ratio = _stacked_product(x, exp_k[start:end], v[start:end], weights, shared)[:, :, :head_dim]
+            rows = out[start:end]
+            torch.sigmoid(q[start:end].reshape(rows.shape), out=rows)
+            rows.mul_(ratio.permute(1, 3, 0, 2))
     return out.view(batch, num_tokens, channels)
 
 
@@ -294,7 +304,7 @@ def _dense_compiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: 
 
 @torch.jit.unused
 def _dense_no_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return _dense_forward(q, k, v, weights)[0]
+    return aft_dense_in_chunks(q, k, v, weights)
 
 
 @torch.jit.unused

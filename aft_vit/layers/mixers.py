@@ -18,7 +18,7 @@ from .cache import derived_cache
 from .functional import (
     CACHED_WEIGHTS_LIMIT, aft_conv2d, aft_full, aft_full_dense, aft_simple, cached_local_window_mask_2d,
     full_bias_weights, is_exporting, local_window_mask_2d, reparameterized_kernel)
-from .dense import aft_dense_overwriting, can_overwrite
+from .dense import aft_dense_in_chunks, overwritable
 from .reuse import aft_conv2d_reusing_kernel
 
 __all__ = ['AftMixer', 'AftFull', 'AftLocal', 'AftSimple', 'AftConv', 'MixerArgs', 'MIXERS', 'get_mixer']
@@ -114,10 +114,11 @@ class AftMixer(nn.Module):
 
     @torch.jit.unused
     def _may_overwrite(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-        """Whether the product may overwrite these projections (:func:`can_overwrite`): not while a forward hook
-        (on ``qkv`` or global) may have kept ``qkv``'s output, which would then change under it."""
+        """Whether the product may overwrite k (:func:`~aft_vit.layers.dense.can_overwrite`): not while a forward hook
+        (on ``qkv`` or global) may have kept ``qkv``'s output, which would then change under it. Called only where
+        :meth:`_may_cache` holds (and not compiling), so only the tensors are checked."""
         hooked = self.qkv._forward_hooks or nn.modules.module._global_forward_hooks
-        return not hooked and can_overwrite(q, k, v)
+        return not hooked and overwritable(q, k, v)
 
     def _project_in(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = self.qkv(x).split([self.dim, self.key_dim, self.dim], dim=-1)
@@ -246,7 +247,7 @@ class AftFull(AftMixer, name='full'):
         weights = derived_cache(self.pos_bias_u).get(
             self._bias_params(), grid, lambda: full_bias_weights(self.position_bias(grid)))
         if self._may_overwrite(q, k, v):  # q, k, v are this call's own projections
-            return aft_dense_overwriting(q, k, v, weights)
+            return aft_dense_in_chunks(q, k, v, weights, overwrite=True)
         return aft_full_dense(q, k, v, weights)
 
 

@@ -9,8 +9,9 @@ is given (:func:`~aft_vit.layers.cache.derived_cache`), the same objects on ever
 """
 import torch
 
+from .band import aft_conv2d_band, band_is_cheaper, conv_band_weights
 from .cache import derived_cache
-from .dense import aft_dense_overwriting
+from .dense import aft_dense_in_chunks
 from .functional import aft_conv2d, aft_conv2d_dense, conv_window_weights, dense_is_cheaper, reparameterized_kernel
 
 __all__ = ['aft_conv2d_reusing_kernel']
@@ -20,23 +21,38 @@ def aft_conv2d_reusing_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               gamma: torch.Tensor, beta: torch.Tensor, eps: float, overwrite: bool = False
                               ) -> torch.Tensor:
     """:func:`~aft_vit.layers.aft_conv2d` with the effective kernel (:func:`reparameterized_kernel`) and, on grids
-    where the dense product is cheaper, its (h, T, T) weights, each built once until ``kernel``, ``gamma`` or
-    ``beta`` change. For parameters that get no gradient: the entries are built without autograd. ``overwrite``:
-    the dense product may overwrite q and k (:func:`~aft_vit.layers.dense.aft_dense_overwriting`), for a mixer's
-    own projections that :func:`~aft_vit.layers.dense.can_overwrite` accepts."""
+    where the dense product is cheaper, its (h, T, T) weights, or, where nothing records gradients and
+    :func:`~aft_vit.layers.band.band_is_cheaper` (batch 1 in aft_conv_tiny's layout), the banded weights, each built
+    once until ``kernel``, ``gamma`` or ``beta`` change. For parameters that get no gradient: the entries are built
+    without autograd. ``overwrite``: the dense product may overwrite k
+    (:func:`~aft_vit.layers.dense.aft_dense_in_chunks`), for a mixer's own projections that
+    :func:`~aft_vit.layers.dense.can_overwrite` accepts."""
     params = [kernel, gamma, beta]
     cache = derived_cache(kernel)
-    effective = cache.get(params, ('kernel', eps), lambda: reparameterized_kernel(kernel, gamma, beta, eps))
     height, width = q.shape[1], q.shape[2]
-    if not dense_is_cheaper(height * width, kernel.shape[-1], kernel.shape[0]):
-        return aft_conv2d(q, k, v, effective, method='conv')
-    weights = cache.get(params, ('dense', height, width), lambda: conv_window_weights(effective, height, width))
+    num_heads, kernel_size = kernel.shape[0], kernel.shape[-1]
+
+    def effective() -> torch.Tensor:
+        return cache.get(params, ('kernel', eps), lambda: reparameterized_kernel(kernel, gamma, beta, eps))
+
+    if not dense_is_cheaper(height * width, kernel_size, num_heads):
+        return aft_conv2d(q, k, v, effective(), method='conv')
+    if not _records_gradients(q, k, v) and band_is_cheaper(q.shape[0], height, width, kernel_size,
+                                                           q.shape[-1] // num_heads):
+        band = cache.get(params, ('band', height, width), lambda: conv_band_weights(effective(), height, width))
+        return aft_conv2d_band(q, k, v, band)
+    weights = cache.get(params, ('dense', height, width), lambda: conv_window_weights(effective(), height, width))
     if overwrite:
         batch, num_tokens = q.shape[0], height * width
-        out = aft_dense_overwriting(q.reshape(batch, num_tokens, -1), k.reshape(batch, num_tokens, -1),
-                                    v.reshape(batch, num_tokens, -1), weights)
+        out = aft_dense_in_chunks(q.reshape(batch, num_tokens, -1), k.reshape(batch, num_tokens, -1),
+                                  v.reshape(batch, num_tokens, -1), weights, overwrite=True)
         return out.view(q.shape)
     return aft_conv2d_dense(q, k, v, weights)
+
+
+def _records_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether autograd records this call (the banded product has no backward)."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
 @torch.library.custom_op('aft_vit::conv2d_reusing_kernel', mutates_args=())
