@@ -8,9 +8,13 @@ and a training step (forward and backward, weights rebuilt from the kernel). ``a
 picks dense up to T = 4 s^2 = 484 tokens within a weight budget (``dense_is_cheaper``); the table marks every
 cell where that choice is the slower one here. Then, within the convolution path, the two ways of summing the keys
 outside each window (prefix sums; products with 0/1 matrices, which it uses while H + W <= 2 s^2) on grids of side
-14 to 192, for the tiny layout's 224 stacked channels at batch 1, in inference.
+14 to 192, for the tiny layout's 224 stacked channels at batch 1, in inference. Last, within the dense regime,
+the dense product against the banded one (``aft_vit.layers.band``, which reads (h, W, s W + 1) weights instead of
+(h, T, T) and copies each input s times) in inference at batch 1, 2 and 4, marking where ``band_is_cheaper`` picks
+the slower.
 """
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -66,6 +70,45 @@ def _outside_sums_row(channels: int, heads: int) -> dict:
     return row
 
 
+BAND_SIDES = (10, 12, 14, 16, 20, 22)
+BAND_BATCHES = (1, 2, 4)
+BLOCKS = 12  # one weight set per block, read in turn as a forward reads them: the dense ones do not stay in cache
+
+
+def _band_row(channels: int, heads: int, batch: int, rounds: int = 9) -> dict:
+    """Dense time / banded time in inference over ``BLOCKS`` blocks' weights, per grid side (rounds interleaved),
+    marked where ``band_is_cheaper`` picks the slower of the two."""
+    from aft_vit.layers import conv_window_weights
+    from aft_vit.layers.band import aft_conv2d_band, band_is_cheaper, conv_band_weights
+    from aft_vit.layers.dense import aft_dense_in_chunks
+    row = {'layout': f'C={channels}, h={heads}', 'batch': batch}
+    for side in BAND_SIDES:
+        g = torch.Generator().manual_seed(0)
+        kernels = [torch.randn(heads, KERNEL, KERNEL, generator=g) for _ in range(BLOCKS)]
+        dense_weights = [conv_window_weights(w, side, side) for w in kernels]
+        band_weights = [conv_band_weights(w, side, side) for w in kernels]
+        q, v = (torch.randn(batch, side, side, channels, generator=g) for _ in range(2))
+        k = torch.randn(batch, side, side, heads, generator=g)
+        tokens = (q.view(batch, -1, channels), k.view(batch, -1, heads), v.view(batch, -1, channels))
+
+        def dense():
+            for weights in dense_weights:
+                aft_dense_in_chunks(*tokens, weights)
+
+        def band():
+            for weights in band_weights:
+                aft_conv2d_band(q, k, v, weights)
+        times = {dense: [], band: []}
+        with torch.inference_mode():
+            for i in range(rounds):
+                for fn in (dense, band) if i % 2 == 0 else (band, dense):
+                    times[fn].append(median_seconds(fn, repeats=1))
+        ratio = statistics.median(times[dense]) / statistics.median(times[band])
+        picks_band = band_is_cheaper(batch, side, side, KERNEL, channels // heads)
+        row[f'T={side * side}'] = f'{ratio:.2f}' + ('' if picks_band == (ratio > 1) else ' (rule slower)')
+    return row
+
+
 def _mark(dense_faster: bool, tokens: int, heads: int) -> str:
     """What the cell says about ``aft_conv2d(method='auto')``'s choice, beyond the ratio."""
     from aft_vit.layers import dense_is_cheaper
@@ -99,7 +142,12 @@ def main() -> None:
             + '\n\nWithin the convolution path, each cell: prefix-sum time / product time of the sums outside the '
             'window (above 1: products faster), and which of the two the path uses at that grid side.\n\n'
             + markdown_table([_outside_sums_row(*LAYOUTS[0])],
-                             ['sums outside the window'] + [f'side {s}' for s in OUTSIDE_SIDES]))
+                             ['sums outside the window'] + [f'side {s}' for s in OUTSIDE_SIDES])
+            + '\n\nWithin the dense regime, in inference, each cell: dense product time / banded product time (above '
+            f'1: banded faster), over {BLOCKS} blocks\' weights read in turn; \'rule slower\': `band_is_cheaper` picks '
+            'the slower of the two.\n\n'
+            + markdown_table([_band_row(c, h, b) for c, h in LAYOUTS for b in BAND_BATCHES],
+                             ['layout', 'batch'] + [f'T={s * s}' for s in BAND_SIDES]))
     print(text)
     if args.update_readme:
         update_readme(text, 'crossover')

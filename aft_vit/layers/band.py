@@ -27,17 +27,20 @@ __all__ = ['aft_conv2d_band', 'band_is_cheaper', 'conv_band_weights']
 
 
 def band_is_cheaper(batch: int, height: int, width: int, kernel_size: int, head_dim: int) -> bool:
-    """Whether the banded product moves fewer values than the dense one, per head: the dense product reads its
-    T^2 weights whatever the batch, plus the B (d + 1) T stacked inputs; the banded one writes and reads the
-    B (d + 1) H (s W + 1) copied windows (its weights are W (s W + 1), negligible). Memory traffic, not arithmetic,
-    decides both at the small grids where :func:`~aft_vit.layers.functional.dense_is_cheaper` picks the dense
-    product: the banded product does H W (s W + 1) multiply-adds a channel against the dense T^2. For
-    aft_conv_tiny at 224 px (14 x 14, s = 11, d = 6) it holds at batch 1 only; for the 16-head layout (d = 24) at
-    none (``benchmarks/crossover.py`` times both)."""
+    """Whether the banded product moves fewer values than the dense one, per head, counting the dense weights twice.
+
+    The dense product reads its T^2 weights whatever the batch, plus the B (d + 1) T stacked inputs; the banded
+    one writes and reads the B (d + 1) H (s W + 1) copied windows (its weights, W (s W + 1), are negligible). A
+    model's dense weights come from memory at every forward (4.8 MB a block for aft_conv_tiny at 224 px), the
+    copies of one block stay in cache: hence the factor 2, the weight that fits ``python benchmarks/crossover.py``
+    on an AMD EPYC without AVX512 (the banded product 1.53x as fast at 196 tokens, batch 1, and 1.10x at batch 2,
+    0.69x at batch 4, in the tiny layout; 0.86x at batch 1 in the 16-head layout). Traffic, not arithmetic: the
+    banded product does H W (s W + 1) multiply-adds a channel against the dense T^2, fewer only while s < H.
+    """
     tokens = height * width
     group = head_dim + 1
     band = 2 * batch * group * height * (kernel_size * width + 1)
-    return band < tokens * tokens + batch * group * tokens
+    return band < 2 * tokens * tokens + batch * group * tokens
 
 
 def conv_band_weights(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:
