@@ -33,10 +33,10 @@ def band_is_cheaper(batch: int, height: int, width: int, kernel_size: int, head_
     one writes and reads the B (d + 1) H (s W + 1) copied windows (its weights, W (s W + 1), are negligible). A
     model's dense weights come from memory at every forward (4.8 MB a block for aft_conv_tiny at 224 px), the
     copies of one block stay in cache: hence the factor 2, the weight that fits ``python benchmarks/crossover.py``
-    on an AMD EPYC without AVX512 (the banded product 1.53x as fast at 196 tokens, batch 1, and 1.10x at batch 2,
-    0.69x at batch 4, in the tiny layout; 0.86x at batch 1 in the 16-head layout). And only while the banded
-    product does fewer multiply-adds, H W (s W + 1) a channel against the dense T^2, that is while s W + 1 <= T
-    (at 100 tokens, kernel 11, it ran 0.84x as fast at batch 1).
+    on an AMD EPYC without AVX512 (at 196 tokens the banded product ran 1.40x as fast as the dense one at batch 1,
+    1.03x at batch 2 and 0.80x at batch 4 in the tiny layout, 0.82x at batch 1 in the 16-head layout). And only
+    while the banded product does fewer multiply-adds, H W (s W + 1) a channel against the dense T^2, that is while
+    s W + 1 <= T (at 100 tokens, kernel 11: 0.89x at batch 1).
     """
     tokens = height * width
     group = head_dim + 1
