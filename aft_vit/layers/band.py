@@ -1,4 +1,4 @@
-"""AFT-conv's banded product: the dense product with weights that fit in cache, for inference on one image.
+"""AFT-conv's banded product: the dense product with weights that fit in cache, for inference on small batches.
 
 AFT-conv's weight for key (y', x') and query (y, x) depends on the offset alone: ``exp(w[y'-y+r, x'-x+r] - c)``
 inside the s x s window (r = s // 2), ``exp(-c)`` outside. So the rows of keys y-r..y+r that query row y's window
@@ -10,11 +10,11 @@ denominator. Every term is a nonnegative weight times a nonnegative input, as in
 and biases of any magnitude.
 
 Why: the dense product reads (h, T, T) weights, 4.8 MB a block for aft_conv_tiny at 224 px (T = 196), 58 MB a
-forward, which at batch 1 pass through the cache at every forward and evict the linear layers' weights. The banded
-weights are (h, W, s W + 1), 0.27 MB a block, and the product has a better shape for BLAS (W rows, not d + 1).
-Its price is the copy of each input s times, which grows with the batch: :func:`band_is_cheaper` compares the values
-each path moves. Inference only (no backward): the mixers call it while their kernel is unchanged and nothing
-records gradients (:mod:`.reuse`).
+forward, which at small batches pass through the cache at every forward and evict the linear layers' weights. The
+banded weights are (h, W, s W + 1), 0.27 MB a block, and the product has a better shape for BLAS (its rows are the W
+query columns). Its price is the copy of each input s times, which grows with the batch: :func:`band_is_cheaper`
+compares the values each path moves. Inference only (no backward): the mixers call it while their kernel is
+unchanged and nothing records gradients (:mod:`.reuse`).
 """
 import functools
 

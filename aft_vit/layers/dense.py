@@ -24,7 +24,8 @@ from typing import ContextManager, Optional, Tuple
 
 import torch
 
-__all__ = ['aft_dense', 'aft_dense_in_chunks', 'can_overwrite', 'is_exporting', 'overwritable', 'positive_weights']
+__all__ = ['aft_dense', 'aft_dense_in_chunks', 'can_overwrite', 'is_exporting', 'overwritable', 'positive_weights',
+           'records_gradients']
 
 
 def _autocast_off(device_type: str) -> ContextManager:
@@ -246,9 +247,14 @@ def can_overwrite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def overwritable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """:func:`can_overwrite` for callers that already know nothing traces or compiles the call (the mixers, which
     reuse what they derive only then): the checks on the tensors alone, without the tracer queries."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if records_gradients(q, k, v):
         return False
     return q.dtype in (torch.float32, torch.float64) and q.dtype == k.dtype == v.dtype
+
+
+def records_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether autograd records a product of these projections (then only paths with a backward may take them)."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
 @torch.jit.unused

@@ -11,7 +11,7 @@ import torch
 
 from .band import aft_conv2d_band, band_is_cheaper, conv_band_weights
 from .cache import derived_cache
-from .dense import aft_dense_in_chunks
+from .dense import aft_dense_in_chunks, records_gradients
 from .functional import aft_conv2d, aft_conv2d_dense, conv_window_weights, dense_is_cheaper, reparameterized_kernel
 
 __all__ = ['aft_conv2d_reusing_kernel']
@@ -22,9 +22,9 @@ def aft_conv2d_reusing_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               ) -> torch.Tensor:
     """:func:`~aft_vit.layers.aft_conv2d` with the effective kernel (:func:`reparameterized_kernel`) and, on grids
     where the dense product is cheaper, its (h, T, T) weights, or, where nothing records gradients and
-    :func:`~aft_vit.layers.band.band_is_cheaper` (batch 1 in aft_conv_tiny's layout), the banded weights, each built
-    once until ``kernel``, ``gamma`` or ``beta`` change. For parameters that get no gradient: the entries are built
-    without autograd. ``overwrite``: the dense product may overwrite k
+    :func:`~aft_vit.layers.band.band_is_cheaper` (batch 1 and 2 in aft_conv_tiny's layout), the banded weights, each
+    built once until ``kernel``, ``gamma`` or ``beta`` change. For parameters that get no gradient: the entries are
+    built without autograd. ``overwrite``: the dense product may overwrite k
     (:func:`~aft_vit.layers.dense.aft_dense_in_chunks`), for a mixer's own projections that
     :func:`~aft_vit.layers.dense.can_overwrite` accepts."""
     params = [kernel, gamma, beta]
@@ -37,8 +37,8 @@ def aft_conv2d_reusing_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     if not dense_is_cheaper(height * width, kernel_size, num_heads):
         return aft_conv2d(q, k, v, effective(), method='conv')
-    if not _records_gradients(q, k, v) and band_is_cheaper(q.shape[0], height, width, kernel_size,
-                                                           q.shape[-1] // num_heads):
+    if not records_gradients(q, k, v) and band_is_cheaper(q.shape[0], height, width, kernel_size,
+                                                          q.shape[-1] // num_heads):  # no backward
         band = cache.get(params, ('band', height, width), lambda: conv_band_weights(effective(), height, width))
         return aft_conv2d_band(q, k, v, band)
     weights = cache.get(params, ('dense', height, width), lambda: conv_window_weights(effective(), height, width))
@@ -48,11 +48,6 @@ def aft_conv2d_reusing_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   v.reshape(batch, num_tokens, -1), weights, overwrite=True)
         return out.view(q.shape)
     return aft_conv2d_dense(q, k, v, weights)
-
-
-def _records_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether autograd records this call (the banded product has no backward)."""
-    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
 @torch.library.custom_op('aft_vit::conv2d_reusing_kernel', mutates_args=())
