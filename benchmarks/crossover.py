@@ -8,10 +8,10 @@ and a training step (forward and backward, weights rebuilt from the kernel). ``a
 picks dense up to T = 4 s^2 = 484 tokens within a weight budget (``dense_is_cheaper``); the table marks every
 cell where that choice is the slower one here. Then, within the convolution path, the two ways of summing the keys
 outside each window (prefix sums; products with 0/1 matrices, which it uses while H + W <= 2 s^2) on grids of side
-14 to 192, for the tiny layout's 224 stacked channels at batch 1, in inference. Last, within the dense regime,
-the dense product against the banded one (``aft_vit.layers.band``, which reads (h, W, s W + 1) weights instead of
-(h, T, T) and copies each input s times) in inference at batch 1, 2 and 4, marking where ``band_is_cheaper`` picks
-the slower.
+14 to 192, for the tiny layout's 224 stacked channels at batch 1, in inference. Last, the dense product against
+the banded one (``aft_vit.layers.band``, which reads (h, W, s W + 1) weights instead of (h, T, T) and copies each
+input s times) in inference at batch 1, 2 and 4, marking where ``band_is_cheaper`` picks the slower, and the grids
+past the dense weight cap, where the mixers take the convolution path and ask neither.
 """
 import argparse
 import statistics
@@ -77,8 +77,9 @@ BLOCKS = 12  # one weight set per block, read in turn as a forward reads them: t
 
 def _band_row(channels: int, heads: int, batch: int, rounds: int = 9) -> dict:
     """Dense time / banded time in inference over ``BLOCKS`` blocks' weights, per grid side (rounds interleaved),
-    marked where ``band_is_cheaper`` picks the slower of the two."""
-    from aft_vit.layers import conv_window_weights
+    marked where ``band_is_cheaper`` picks the slower of the two, or past the dense weight cap (the mixers take
+    the convolution path there: the rule is not asked)."""
+    from aft_vit.layers import conv_window_weights, dense_is_cheaper
     from aft_vit.layers.band import aft_conv2d_band, band_is_cheaper, conv_band_weights
     from aft_vit.layers.dense import aft_dense_in_chunks
     row = {'layout': f'C={channels}, h={heads}', 'batch': batch}
@@ -104,8 +105,13 @@ def _band_row(channels: int, heads: int, batch: int, rounds: int = 9) -> dict:
                 for fn in (dense, band) if i % 2 == 0 else (band, dense):
                     times[fn].append(median_seconds(fn, repeats=1))
         ratio = statistics.median(times[dense]) / statistics.median(times[band])
-        picks_band = band_is_cheaper(batch, side, side, KERNEL, channels // heads)
-        row[f'T={side * side}'] = f'{ratio:.2f}' + ('' if picks_band == (ratio > 1) else ' (rule slower)')
+        if not dense_is_cheaper(side * side, KERNEL, heads):
+            mark = ' (weight cap)'
+        elif band_is_cheaper(batch, side, side, KERNEL, channels // heads) != (ratio > 1):
+            mark = ' (rule slower)'
+        else:
+            mark = ''
+        row[f'T={side * side}'] = f'{ratio:.2f}{mark}'
     return row
 
 
@@ -143,9 +149,10 @@ def main() -> None:
             'window (above 1: products faster), and which of the two the path uses at that grid side.\n\n'
             + markdown_table([_outside_sums_row(*LAYOUTS[0])],
                              ['sums outside the window'] + [f'side {s}' for s in OUTSIDE_SIDES])
-            + '\n\nWithin the dense regime, in inference, each cell: dense product time / banded product time (above '
-            f'1: banded faster), over {BLOCKS} blocks\' weights read in turn; \'rule slower\': `band_is_cheaper` picks '
-            'the slower of the two.\n\n'
+            + '\n\nIn inference, each cell: dense product time / banded product time (above 1: banded faster), over '
+            f'{BLOCKS} blocks\' weights read in turn; \'rule slower\': `band_is_cheaper` picks the slower of the two; '
+            '\'weight cap\': the mixers take the convolution path (the dense weights exceed the budget), and the rule '
+            'is not asked.\n\n'
             + markdown_table([_band_row(c, h, b) for c, h in LAYOUTS for b in BAND_BATCHES],
                              ['layout', 'batch'] + [f'T={s * s}' for s in BAND_SIDES]))
     print(text)

@@ -16,12 +16,11 @@ query columns). Its price is the copy of each input s times, which grows with th
 compares the values each path moves. Inference only (no backward): the mixers call it while their kernel is
 unchanged and nothing records gradients (:mod:`.reuse`).
 """
-import functools
-
 import torch
 
+from .cache import grid_constant
 from .dense import _autocast_off
-from .functional import _exp_window_weights
+from .functional import _exp_window_weights, local_window_mask
 
 __all__ = ['aft_conv2d_band', 'band_is_cheaper', 'conv_band_weights']
 
@@ -65,21 +64,12 @@ def conv_band_weights(weight: torch.Tensor, height: int, width: int) -> torch.Te
     return torch.cat([near, outside_weight[:, None, None].expand(num_heads, width, 1)], dim=2).contiguous()
 
 
+@grid_constant
 def _far_tokens(height: int, width: int, radius: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(H W, H) 0/1: [t', y] = 1 where key token t' is in a row outside query row y's window (|y' - y| > r), so
-    that one product sums, for every query row, the rows its window does not span."""
-    rows = torch.arange(height, device=device)
-    far = (rows.unsqueeze(1) - rows.unsqueeze(0)).abs() > radius  # [y', y]
-    return far.repeat_interleave(width, dim=0).to(dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_far_tokens(height: int, width: int, radius: int, dtype: torch.dtype, device: torch.device
-                       ) -> torch.Tensor:
-    """:func:`_far_tokens`, built once per grid, dtype and device (outside inference mode, like the mixers'
-    caches)."""
-    with torch.inference_mode(False), torch.no_grad():
-        return _far_tokens(height, width, radius, dtype, device)
+    that one product sums, for every query row, the rows its window does not span. Built once per grid."""
+    far_rows = 1 - local_window_mask(height, radius + 1, device).to(dtype)  # [y', y]
+    return far_rows.repeat_interleave(width, dim=0)
 
 
 @torch.jit.unused
@@ -123,7 +113,7 @@ def aft_conv2d_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: 
             (num_heads, batch, group, height, columns - 1), (strides[0], strides[1], strides[2], width, 1)))
         grid_rows = grid.as_strided((num_heads * batch * group, height * width), (padded * width, 1),
                                     grid.storage_offset())
-        far = torch.mm(grid_rows, _cached_far_tokens(height, width, radius, dtype, v.device))
+        far = torch.mm(grid_rows, _far_tokens(height, width, radius, dtype, v.device))
         windows.select(4, columns - 1).copy_(far.view(num_heads, batch, group, height))
         sums = torch.bmm(weights, windows.view(num_heads, -1, columns).transpose(1, 2))
         sums = sums.view(num_heads, width, batch, group, height)

@@ -1,4 +1,6 @@
-"""A cache for tensors derived from parameters, valid until one of those parameters changes."""
+"""Caches: tensors derived from parameters, valid until one of those parameters changes, and tensors that depend
+on a grid alone, built once per grid."""
+import functools
 from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
@@ -6,7 +8,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .dense import _autocast_off
 
-__all__ = ['ParameterDerivedCache', 'derived_cache']
+__all__ = ['ParameterDerivedCache', 'derived_cache', 'grid_constant']
 
 
 class ParameterDerivedCache:
@@ -71,3 +73,15 @@ def derived_cache(owner: torch.Tensor) -> ParameterDerivedCache:
     if cache is None:
         cache = _CACHES[owner] = ParameterDerivedCache()
     return cache
+
+
+def grid_constant(build: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``build``, a tensor that depends on its hashable arguments alone (a grid's sizes, a dtype, a device), run
+    once per arguments (the last 64 kept) for eager code. Built outside inference mode and autograd, so that
+    autograd may save it for backward when a later training step reuses it."""
+    @functools.lru_cache(maxsize=64)
+    @functools.wraps(build)
+    def cached(*args):
+        with torch.inference_mode(False), torch.no_grad():
+            return build(*args)
+    return cached

@@ -25,7 +25,6 @@ All functions are plain tensor code: they run under autocast, on the meta
 device, in TorchScript and ``torch.compile``; timm's FX tracer treats them as
 leaf calls (their argument checks branch on shapes).
 """
-import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_function
 from torch.utils.checkpoint import checkpoint
 
+from .cache import grid_constant
 from .dense import aft_dense, is_exporting, positive_weights
 
 __all__ = ['CACHED_WEIGHTS_LIMIT', 'aft_full', 'aft_full_dense', 'aft_simple', 'aft_local', 'aft_conv2d',
@@ -197,13 +197,12 @@ def local_window_mask_2d(
 
 
 @torch.jit.unused
-@functools.lru_cache(maxsize=64)
+@grid_constant
 def cached_local_window_mask_2d(
         height: int, width: int, window: int, num_prefix_tokens: int, device: torch.device) -> torch.Tensor:
     """:func:`local_window_mask_2d`, built once per grid and device for eager code (AFT-local's training step
-    needs it every call), outside inference mode so that autograd may save it for backward."""
-    with torch.inference_mode(False), torch.no_grad():
-        return local_window_mask_2d([height, width], window, num_prefix_tokens, device)
+    needs it every call)."""
+    return local_window_mask_2d([height, width], window, num_prefix_tokens, device)
 
 
 @register_notrace_function
@@ -308,12 +307,10 @@ def _window_index(height: int, width: int, kernel_size: int, device: torch.devic
 
 
 @torch.jit.unused
-@functools.lru_cache(maxsize=64)
+@grid_constant
 def _cached_window_index(height: int, width: int, kernel_size: int, device: torch.device) -> torch.Tensor:
-    """:func:`_window_index`, built outside inference mode so that autograd may save it for backward when
-    a later training step reuses it."""
-    with torch.inference_mode(False), torch.no_grad():
-        return _window_index(height, width, kernel_size, device)
+    """:func:`_window_index`, built once per grid and device."""
+    return _window_index(height, width, kernel_size, device)
 
 
 def reparameterized_kernel(kernel: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:

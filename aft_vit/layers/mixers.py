@@ -356,4 +356,4 @@ class AftConv(AftMixer, name='conv'):
         if torch.compiler.is_compiling():
             return torch.ops.aft_vit.conv2d_reusing_kernel(q, k, v, *self._kernel_params(), self.eps)
         return aft_conv2d_reusing_kernel(q, k, v, *self._kernel_params(), self.eps,
-                                         overwrite=self._may_overwrite(q, k, v))
+                                         may_overwrite=lambda: self._may_overwrite(q, k, v))

@@ -7,6 +7,8 @@ compiled inference calls the same Python as one opaque operator, ``torch.ops.aft
 compiler knows its output's shape, and the operator, run eagerly, finds the cache through the parameter objects it
 is given (:func:`~aft_vit.layers.cache.derived_cache`), the same objects on every call.
 """
+from typing import Callable, Optional
+
 import torch
 
 from .band import aft_conv2d_band, band_is_cheaper, conv_band_weights
@@ -18,15 +20,15 @@ __all__ = ['aft_conv2d_reusing_kernel']
 
 
 def aft_conv2d_reusing_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor,
-                              gamma: torch.Tensor, beta: torch.Tensor, eps: float, overwrite: bool = False
-                              ) -> torch.Tensor:
+                              gamma: torch.Tensor, beta: torch.Tensor, eps: float,
+                              may_overwrite: Optional[Callable[[], bool]] = None) -> torch.Tensor:
     """:func:`~aft_vit.layers.aft_conv2d` with the effective kernel (:func:`reparameterized_kernel`) and, on grids
     where the dense product is cheaper, its (h, T, T) weights, or, where nothing records gradients and
     :func:`~aft_vit.layers.band.band_is_cheaper` (batch 1 and 2 in aft_conv_tiny's layout), the banded weights, each
     built once until ``kernel``, ``gamma`` or ``beta`` change. For parameters that get no gradient: the entries are
-    built without autograd. ``overwrite``: the dense product may overwrite k
-    (:func:`~aft_vit.layers.dense.aft_dense_in_chunks`), for a mixer's own projections that
-    :func:`~aft_vit.layers.dense.can_overwrite` accepts."""
+    built without autograd. ``may_overwrite``: asked only on the dense path (a mixer's checks cost time
+    at every block) whether the product may overwrite k (:func:`~aft_vit.layers.dense.aft_dense_in_chunks`), for a
+    mixer's own projections that :func:`~aft_vit.layers.dense.can_overwrite` accepts."""
     params = [kernel, gamma, beta]
     cache = derived_cache(kernel)
     height, width = q.shape[1], q.shape[2]
@@ -42,7 +44,7 @@ def aft_conv2d_reusing_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         band = cache.get(params, ('band', height, width), lambda: conv_band_weights(effective(), height, width))
         return aft_conv2d_band(q, k, v, band)
     weights = cache.get(params, ('dense', height, width), lambda: conv_window_weights(effective(), height, width))
-    if overwrite:
+    if may_overwrite is not None and may_overwrite():
         batch, num_tokens = q.shape[0], height * width
         out = aft_dense_in_chunks(q.reshape(batch, num_tokens, -1), k.reshape(batch, num_tokens, -1),
                                   v.reshape(batch, num_tokens, -1), weights, overwrite=True)
