@@ -35,3 +35,21 @@ def test_processor_family_names_a_cpu_without_avx512_apart(monkeypatch):
         assert machine.processor_key() == key
     monkeypatch.setattr(machine, '_cpuinfo', lambda: {'model name': 'Intel(R) Xeon(R) Processor', 'flags': 'avx512f'})
     assert machine.processor_key() == 'intel-xeon'
+
+
+def test_blocks_table_times_each_part_of_both_blocks(monkeypatch):
+    """benchmarks/blocks.py's rows: every part of both blocks timed (a positive median), 'mixing' the mixer less its
+    two projections, and the ratio DeiT / AFT of the printed times."""
+    import sys
+    monkeypatch.setattr(sys, 'path', list(sys.path))  # the script puts benchmarks/ first
+    blocks = load_script('benchmarks/blocks.py')
+    rows = blocks._rows('aft_conv_tiny', 'deit_tiny_patch16_224', batch=1, rounds=3)
+    assert [r['part'] for r in rows] == ['qkv', 'proj', 'mixer', 'mixing', 'mlp', 'block']
+    times = {r['part']: (float(r['AFT us']), float(r['DeiT us'])) for r in rows}
+    for part in ('qkv', 'proj', 'mixer', 'mlp', 'block'):
+        assert min(times[part]) > 0
+    for i in range(2):
+        mixing = times['mixer'][i] - times['qkv'][i] - times['proj'][i]
+        assert abs(times['mixing'][i] - mixing) <= 1.5  # each printed time rounded to 1 us
+    for r in (r for r in rows if r['DeiT / AFT']):  # no ratio where AFT's 'mixing' came out <= 0
+        assert abs(float(r['DeiT / AFT']) - float(r['DeiT us']) / float(r['AFT us'])) < 0.02
