@@ -2,13 +2,14 @@
 
     python benchmarks/blocks.py [--batches 1 32] [--rounds 60] [--update-readme]
 
-For aft_conv_tiny / deit_tiny_patch16_224 and aft_conv_small / deit_small_patch16_224 at 224 px, in inference: the
-token mixer with its projections (DeiT's timm ``Attention``: qkv, scaled_dot_product_attention, proj), its two
-projections alone, the MLP and the whole block, on the tokens the block sees (196 patches; DeiT's 197 with its class
-token). 'mixing' is the mixer's time less its two projections' (a difference of medians): AFT's product against
-attention itself. Every part of both models runs once in each round, in turn, so that each reads its weights after
-the others have run, as in a forward; the medians over the rounds. The throughput tables say whether a model is
-faster; this one says which part of a block makes the difference.
+For aft_conv_tiny / deit_tiny_patch16_224 and aft_conv_small, aft_full_small, aft_local_small /
+deit_small_patch16_224 at 224 px, in inference: the token mixer with its projections (DeiT's timm ``Attention``:
+qkv, scaled_dot_product_attention, proj), its two projections alone, the MLP and the whole block, on the tokens the
+block sees (AFT-conv's 196 patches; 197 with the class token of DeiT, AFT-full and AFT-local). 'mixing' is the
+mixer's time less its two projections' (a difference of medians): AFT's product against attention itself. Every part
+of both models runs once in each round, in turn (DeiT first in every other round), so that each reads its weights
+after the others have run, as in a forward; the medians over the rounds. The throughput tables say whether a model
+is faster; this one says which part of a block makes the difference.
 """
 import argparse
 import statistics
@@ -24,7 +25,8 @@ from aft_vit.machine import machine_description
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import markdown_table, update_readme  # noqa: E402
 
-PAIRS = (('aft_conv_tiny', 'deit_tiny_patch16_224'), ('aft_conv_small', 'deit_small_patch16_224'))
+PAIRS = (('aft_conv_tiny', 'deit_tiny_patch16_224'), ('aft_conv_small', 'deit_small_patch16_224'),
+         ('aft_full_small', 'deit_small_patch16_224'), ('aft_local_small', 'deit_small_patch16_224'))
 PARTS = ('qkv', 'proj', 'mixer', 'mlp', 'block')
 
 
@@ -54,8 +56,8 @@ def _rows(aft_name: str, deit_name: str, batch: int, rounds: int) -> List[dict]:
         for name in calls:  # warm-up: caches built, weights touched once
             for call in calls[name].values():
                 call(), call()
-        for _ in range(rounds):
-            for name in calls:
+        for round_index in range(rounds):
+            for name in (calls if round_index % 2 == 0 else reversed(list(calls))):  # every other round DeiT first
                 for part, call in calls[name].items():
                     start = time.perf_counter()
                     call()
