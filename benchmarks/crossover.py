@@ -81,20 +81,21 @@ def _band_row(channels: int, heads: int, batch: int, rounds: int = 9) -> dict:
     the convolution path there: the rule is not asked)."""
     from aft_vit.layers import conv_window_weights, dense_is_cheaper
     from aft_vit.layers.band import aft_conv2d_band, band_is_cheaper, conv_band_weights
-    from aft_vit.layers.dense import aft_dense_in_chunks
+    from aft_vit.layers.dense import aft_dense_channel_major
     row = {'layout': f'C={channels}, h={heads}', 'batch': batch}
     for side in BAND_SIDES:
         g = torch.Generator().manual_seed(0)
         kernels = [torch.randn(heads, KERNEL, KERNEL, generator=g) for _ in range(BLOCKS)]
         dense_weights = [conv_window_weights(w, side, side) for w in kernels]
         band_weights = [conv_band_weights(w, side, side) for w in kernels]
-        q, v = (torch.randn(batch, side, side, channels, generator=g) for _ in range(2))
-        k = torch.randn(batch, side, side, heads, generator=g)
-        tokens = (q.view(batch, -1, channels), k.view(batch, -1, heads), v.view(batch, -1, channels))
+        # channel-major, as the mixers give both products in inference
+        q, v = (torch.randn(channels, batch, side, side, generator=g) for _ in range(2))
+        k = torch.randn(heads, batch, side, side, generator=g)
+        rows = (q.view(channels, batch, -1), k.view(heads, batch, -1), v.view(channels, batch, -1))
 
         def dense():
             for weights in dense_weights:
-                aft_dense_in_chunks(*tokens, weights)
+                aft_dense_channel_major(*rows, weights)
 
         def band():
             for weights in band_weights:

@@ -1,5 +1,6 @@
 """AFT-conv's banded product (inference at batch 1 in the tiny layout) against the literal formula in float64, its
-weights against the dense ones entry by entry, and the mixer's choice of it."""
+weights against the dense ones entry by entry, and the mixer's choice of it. The product takes channel-major inputs
+(C, B, H, W), as the mixer's channel-major projection gives them."""
 import pytest
 import torch
 
@@ -11,22 +12,28 @@ from tests.reference import naive_aft, naive_aft_conv2d
 from tests.test_operators import EXACT, MAGNITUDES, _grid
 
 
+def _band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """:func:`aft_conv2d_band` on (B, H, W, C) inputs, its (C, B, H, W) output seen as (B, H, W, C)."""
+    out = aft_conv2d_band(q.permute(3, 0, 1, 2), k.permute(3, 0, 1, 2), v.permute(3, 0, 1, 2), weights)
+    return out.permute(1, 2, 3, 0)
+
+
 @pytest.mark.parametrize('std,offset', MAGNITUDES)
 @pytest.mark.parametrize('batch,height,width,size', [
     (1, 7, 6, 5), (2, 1, 9, 5), (3, 9, 2, 3), (1, 12, 13, 15), (2, 5, 5, 1), (1, 14, 14, 11)])
 def test_band_matches_formula(std, offset, batch, height, width, size):
     q, k, v, w = _grid(batch=batch, height=height, width=width, size=size, std=std, offset=offset)
-    out = aft_conv2d_band(q, k, v, conv_band_weights(w, height, width))
+    out = _band(q, k, v, conv_band_weights(w, height, width))
     torch.testing.assert_close(out, naive_aft_conv2d(q, k, v, w), **EXACT)
 
 
-def test_band_reads_views_of_one_fused_projection_and_leaves_them_unchanged():
+def test_band_reads_rows_of_one_channel_major_projection_and_leaves_them_unchanged():
     q, k, v, w = _grid(batch=1, height=6, width=5, size=3, std=3.)
-    fused = torch.cat([q, k, v], dim=-1)
+    fused = torch.cat([q, k, v], dim=-1).permute(3, 0, 1, 2).contiguous()  # (2 C + h, B, H, W)
     before = fused.clone()
-    out = aft_conv2d_band(*fused.split([8, 4, 8], dim=-1), conv_band_weights(w, 6, 5))
-    torch.testing.assert_close(out, naive_aft_conv2d(q, k, v, w), **EXACT)
-    assert torch.equal(fused, before) and out.is_contiguous()
+    out = aft_conv2d_band(*fused.split([8, 4, 8], dim=0), conv_band_weights(w, 6, 5))
+    torch.testing.assert_close(out.permute(1, 2, 3, 0), naive_aft_conv2d(q, k, v, w), **EXACT)
+    assert torch.equal(fused, before) and out.is_contiguous() and out.shape == (8, 1, 6, 5)
 
 
 @pytest.mark.parametrize('height,width,size', [(6, 5, 3), (4, 9, 5), (3, 3, 7)])
@@ -57,7 +64,7 @@ def test_band_under_bfloat16_autocast_is_finite_and_close():
     q, k, v, w = _grid(batch=1, height=6, width=5, size=3, dtype=torch.float32)
     band = conv_band_weights(w, 6, 5)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        out = aft_conv2d_band(q.bfloat16(), k.bfloat16(), v.bfloat16(), band)
+        out = _band(q.bfloat16(), k.bfloat16(), v.bfloat16(), band)
     assert out.dtype == torch.bfloat16 and out.isfinite().all()
     torch.testing.assert_close(out.float(), naive_aft_conv2d(q, k, v, w).float(), rtol=0.05, atol=0.05)
 

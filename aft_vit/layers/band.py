@@ -14,7 +14,7 @@ forward, which at small batches pass through the cache at every forward and evic
 banded weights are (h, W, s W + 1), 0.27 MB a block, and the product has a better shape for BLAS (its rows are the W
 query columns). Its price is the copy of each input s times, which grows with the batch: :func:`band_is_cheaper`
 compares the values each path moves. Inference only (no backward): the mixers call it while their kernel is
-unchanged and nothing records gradients (:mod:`.reuse`).
+unchanged and nothing records gradients (:mod:`.reuse`), on channel-major inputs.
 """
 import torch
 
@@ -74,17 +74,19 @@ def _far_tokens(height: int, width: int, radius: int, dtype: torch.dtype, device
 
 @torch.jit.unused
 def aft_conv2d_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """:func:`~aft_vit.layers.aft_conv2d` on the weights of :func:`conv_band_weights`, without autograd.
+    """:func:`~aft_vit.layers.aft_conv2d` on the weights of :func:`conv_band_weights`, without autograd, on
+    channel-major inputs: the rows of the mixer's channel-major projection (``AftConv._forward_channel_major``),
+    in which every pass below reads and writes runs of whole grid rows instead of one value per head.
 
     Args:
-        q, v: (B, H, W, C); k: (B, H, W, h); weights: (h, W, s W + 1) with s odd.
+        q, v: (C, B, H, W); k: (h, B, H, W); weights: (h, W, s W + 1) with s odd.
 
     Returns:
-        (B, H, W, C) in ``v``'s dtype, a new contiguous tensor; q, k, v are only read. Computed in float32 at least
+        (C, B, H, W) in ``v``'s dtype, a new contiguous tensor; q, k, v are only read. Computed in float32 at least
         (float64 stays float64), as the dense product.
     """
-    batch, height, width, channels = q.shape
-    num_heads = k.shape[-1]
+    channels, batch, height, width = q.shape
+    num_heads = k.shape[0]
     head_dim = channels // num_heads
     columns = weights.shape[-1]
     kernel_size = (columns - 1) // width
@@ -102,9 +104,9 @@ def aft_conv2d_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: 
         stacked = torch.zeros(num_heads, batch, group, padded, width, dtype=dtype, device=v.device)
         grid = stacked.narrow(3, radius, height)
         exp_k = grid.select(2, head_dim)  # (h, B, H, W)
-        exp_k.copy_(k.permute(3, 0, 1, 2))
-        exp_k.sub_(k.amax(dim=(1, 2)).t().unsqueeze(-1).unsqueeze(-1)).exp_()
-        values = v.reshape(batch, height, width, num_heads, head_dim).permute(3, 0, 4, 1, 2)
+        exp_k.copy_(k)
+        exp_k.sub_(k.amax(dim=(2, 3), keepdim=True)).exp_()
+        values = v.reshape(num_heads, head_dim, batch, height, width).transpose(1, 2)
         torch.mul(exp_k.unsqueeze(2), values, out=grid.narrow(2, 0, head_dim))
         # row y of the windows: padded rows y..y+2r, consecutive in memory, then the sum of the rows outside them
         windows = torch.empty(num_heads, batch, group, height, columns, dtype=dtype, device=v.device)
@@ -118,8 +120,8 @@ def aft_conv2d_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: 
         sums = torch.bmm(weights, windows.view(num_heads, -1, columns).transpose(1, 2))
         sums = sums.view(num_heads, width, batch, group, height)
         ratio = sums.narrow(3, 0, head_dim).div_(sums.narrow(3, head_dim, 1))  # (h, W, B, d, H)
-        out = torch.empty(batch, height, width, num_heads, head_dim, dtype=q.dtype, device=q.device)
-        torch.sigmoid(q.reshape(batch, height, width, num_heads, head_dim), out=out)
-        out.mul_(ratio.permute(2, 4, 1, 0, 3))
-    out = out.view(batch, height, width, channels)
+        out = torch.empty(num_heads, head_dim, batch, height, width, dtype=q.dtype, device=q.device)
+        torch.sigmoid(q.reshape(out.shape), out=out)
+        out.mul_(ratio.permute(0, 3, 2, 4, 1))
+    out = out.view(channels, batch, height, width)
     return out if out.dtype == v.dtype else out.to(v.dtype)

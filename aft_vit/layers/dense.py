@@ -24,8 +24,8 @@ from typing import ContextManager, Optional, Tuple
 
 import torch
 
-__all__ = ['aft_dense', 'aft_dense_in_chunks', 'can_overwrite', 'is_exporting', 'overwritable', 'positive_weights',
-           'records_gradients']
+__all__ = ['aft_dense', 'aft_dense_channel_major', 'aft_dense_in_chunks', 'can_overwrite', 'is_exporting',
+           'overwritable', 'positive_weights', 'records_gradients']
 
 
 def _autocast_off(device_type: str) -> ContextManager:
@@ -293,6 +293,47 @@ def aft_dense_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weigh
             torch.sigmoid(q[start:end].reshape(rows.shape), out=rows)
             rows.mul_(ratio.permute(1, 3, 0, 2))
     return out.view(batch, num_tokens, channels)
+
+
+@torch.jit.unused
+def aft_dense_channel_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
+                            overwrite: bool = False) -> torch.Tensor:
+    """:func:`aft_dense_in_chunks` with per-head weights (h, T, T) on channel-major inputs, q, v (C, B, T) and
+    k (h, B, T): the rows of AFT-conv's channel-major projection (``AftConv._forward_channel_major``). Returns a new
+    contiguous (C, B, T) tensor in ``v``'s dtype; ``overwrite`` as there.
+
+    Why: the stacked inputs and the product are token-last, so building them from token-major projections and
+    gating the ratio back reads or writes one value per head at a time (three passes at ~1 ns a value, AFT-conv
+    small at batch 32); from channel-major rows every pass moves runs of T values.
+    """
+    channels, batch, num_tokens = q.shape
+    num_heads = k.shape[0]
+    head_dim = channels // num_heads
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    if weights.dtype != dtype:
+        weights = weights.to(dtype)
+    out = torch.empty(num_heads, head_dim, batch, num_tokens, dtype=v.dtype, device=v.device)
+    per_image = num_tokens * (head_dim + 1) * num_heads * torch.finfo(dtype).bits // 8
+    step = max(1, INFERENCE_CHUNK_BYTES // per_image)
+    gates = q.reshape(out.shape)
+    values = v.reshape(out.shape)
+    with _autocast_off(q.device.type):
+        if overwrite:
+            exp_k = k.sub_(k.amax(dim=2, keepdim=True)).exp_()
+        else:
+            exp_k = (k.to(dtype) - k.amax(dim=2, keepdim=True).to(dtype)).exp_()
+        for start in range(0, batch, step):
+            end = min(batch, start + step)
+            x = torch.empty(num_heads, end - start, head_dim + 1, num_tokens, dtype=dtype, device=v.device)
+            keys = exp_k[:, start:end]
+            x[:, :, head_dim].copy_(keys)
+            torch.mul(keys.unsqueeze(2), values[:, :, start:end].transpose(1, 2), out=x[:, :, :head_dim])
+            y = torch.bmm(x.view(num_heads, -1, num_tokens), weights).view(x.shape)
+            ratio = y[:, :, :head_dim].div_(y[:, :, head_dim:])
+            rows = out[:, :, start:end]
+            torch.sigmoid(gates[:, :, start:end], out=rows)
+            rows.mul_(ratio.transpose(1, 2))
+    return out.view(channels, batch, num_tokens)
 
 
 @torch.jit.unused

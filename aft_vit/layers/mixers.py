@@ -17,9 +17,9 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from .cache import derived_cache
 from .functional import (
     CACHED_WEIGHTS_LIMIT, aft_conv2d, aft_full, aft_full_dense, aft_simple, cached_local_window_mask_2d,
-    full_bias_weights, is_exporting, local_window_mask_2d, reparameterized_kernel)
+    dense_is_cheaper, full_bias_weights, is_exporting, local_window_mask_2d, reparameterized_kernel)
 from .dense import aft_dense_in_chunks, overwritable
-from .reuse import aft_conv2d_reusing_kernel
+from .reuse import aft_conv2d_channel_major, aft_conv2d_reusing_kernel
 
 __all__ = ['AftMixer', 'AftFull', 'AftLocal', 'AftSimple', 'AftConv', 'MixerArgs', 'MIXERS', 'get_mixer']
 
@@ -337,6 +337,8 @@ class AftConv(AftMixer, name='conv'):
         return reparameterized_kernel(self.kernel, self.kernel_gamma, self.kernel_beta, self.eps)
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._mixes_channel_major(x, feat_size):
+            return self._forward_channel_major(x, feat_size)
         batch = x.shape[0]
         q, k, v = self._project_in(x.reshape(batch, feat_size[0], feat_size[1], -1))
         if not torch.jit.is_scripting() and self._params_are_constant(self._kernel_params()):
@@ -348,6 +350,44 @@ class AftConv(AftMixer, name='conv'):
     def _kernel_params(self) -> List[torch.Tensor]:
         """The parameters the effective kernel is computed from."""
         return [self.kernel, self.kernel_gamma, self.kernel_beta]
+
+    @torch.jit.unused
+    def _mixes_channel_major(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> bool:
+        """Whether to take :meth:`_forward_channel_major`: CPU inference (nothing records gradients) in float32 or
+        float64 without autocast, no hook on the projections (they are computed without calling them), and a grid
+        where the dense or banded product is cheaper than the convolution (:func:`dense_is_cheaper`: 224 px, not
+        896), whose token-last passes gain from channel-major rows; the convolution path is token-major."""
+        if not self._may_cache() or x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64):
+            return False
+        if torch.is_autocast_enabled('cpu'):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        if (self.qkv._forward_hooks or self.qkv._forward_pre_hooks or self.proj._forward_hooks
+                or self.proj._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                or nn.modules.module._global_forward_pre_hooks):
+            return False
+        return dense_is_cheaper(feat_size[0] * feat_size[1], self.kernel_size, self.num_heads)
+
+    @torch.jit.unused
+    def _forward_channel_major(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        """:meth:`forward` with the qkv projection computed transposed, as (2 C + h, B T) rows: q, k, v are then
+        (C, B, H, W) and (h, B, H, W) views, the products' stacked inputs and gated outputs move runs of tokens
+        instead of one value per head, and the output projection reads the (C, B T) result as a transposed matrix,
+        with no copy. The same weights and sums as the token-major path: the model's output agrees to float
+        rounding (tests/test_channel_major.py)."""
+        batch, (height, width) = x.shape[0], feat_size
+        tokens = x.reshape(-1, self.dim)
+        if self.qkv.bias is None:
+            qkv = torch.mm(self.qkv.weight, tokens.t())
+        else:
+            qkv = torch.addmm(self.qkv.bias.unsqueeze(1), self.qkv.weight, tokens.t())
+        q, k, v = qkv.view(-1, batch, height, width).split([self.dim, self.key_dim, self.dim], dim=0)
+        if torch.compiler.is_compiling():
+            out = torch.ops.aft_vit.conv2d_channel_major(q, k, v, *self._kernel_params(), self.eps)
+        else:  # k: rows of this call's own projection
+            out = aft_conv2d_channel_major(q, k, v, *self._kernel_params(), self.eps, overwrite=True)
+        return self._project_out(out.view(self.dim, -1).t()).view(batch, -1, self.dim)
 
     @torch.jit.unused
     def _mix_reusing_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -3,46 +3,47 @@ torch.compile.
 
 A compiled graph cannot consult a cache: its checks read storage addresses and version counters, which the compiler
 does not trace, and a graph break at every block measured slower than rebuilding the weights in the graph. So
-compiled inference calls the same Python as one opaque operator, ``torch.ops.aft_vit.conv2d_reusing_kernel``: the
-compiler knows its output's shape, and the operator, run eagerly, finds the cache through the parameter objects it
-is given (:func:`~aft_vit.layers.cache.derived_cache`), the same objects on every call.
+compiled inference calls the same Python as one opaque operator, ``torch.ops.aft_vit.conv2d_reusing_kernel`` (or
+``conv2d_channel_major``): the compiler knows its output's shape, and the operator, run eagerly, finds the cache
+through the parameter objects it is given (:func:`~aft_vit.layers.cache.derived_cache`), the same objects on every
+call.
+
+Inference without autograd on grids where the products are cheaper than the convolution takes
+:func:`aft_conv2d_channel_major`, on the rows of the mixer's channel-major projection; everything else (training
+with a frozen kernel, a hook on the projections, autocast, the convolution path) the token-major
+:func:`aft_conv2d_reusing_kernel`.
 """
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
 from .band import aft_conv2d_band, band_is_cheaper, conv_band_weights
-from .cache import derived_cache
-from .dense import aft_dense_in_chunks, records_gradients
+from .cache import ParameterDerivedCache, derived_cache
+from .dense import aft_dense_channel_major, aft_dense_in_chunks
 from .functional import aft_conv2d, aft_conv2d_dense, conv_window_weights, dense_is_cheaper, reparameterized_kernel
 
-__all__ = ['aft_conv2d_reusing_kernel']
+__all__ = ['aft_conv2d_channel_major', 'aft_conv2d_reusing_kernel']
 
 
 def aft_conv2d_reusing_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor,
                               gamma: torch.Tensor, beta: torch.Tensor, eps: float,
                               may_overwrite: Optional[Callable[[], bool]] = None) -> torch.Tensor:
     """:func:`~aft_vit.layers.aft_conv2d` with the effective kernel (:func:`reparameterized_kernel`) and, on grids
-    where the dense product is cheaper, its (h, T, T) weights, or, where nothing records gradients and
-    :func:`~aft_vit.layers.band.band_is_cheaper` (batch 1 and 2 in aft_conv_tiny's layout), the banded weights, each
-    built once until ``kernel``, ``gamma`` or ``beta`` change. For parameters that get no gradient: the entries are
-    built without autograd. ``may_overwrite``: asked only on the dense path (a mixer's checks cost time
-    at every block) whether the product may overwrite k (:func:`~aft_vit.layers.dense.aft_dense_in_chunks`), for a
-    mixer's own projections that :func:`~aft_vit.layers.dense.can_overwrite` accepts."""
+    where the dense product is cheaper, its (h, T, T) weights, each built once until ``kernel``, ``gamma`` or
+    ``beta`` change. For parameters that get no gradient: the entries are built without autograd. ``may_overwrite``:
+    asked only on the dense path (a mixer's checks cost time at every block) whether the product may overwrite k
+    (:func:`~aft_vit.layers.dense.aft_dense_in_chunks`), for a mixer's own projections that
+    :func:`~aft_vit.layers.dense.can_overwrite` accepts."""
     params = [kernel, gamma, beta]
     cache = derived_cache(kernel)
     height, width = q.shape[1], q.shape[2]
     num_heads, kernel_size = kernel.shape[0], kernel.shape[-1]
 
     def effective() -> torch.Tensor:
-        return cache.get(params, ('kernel', eps), lambda: reparameterized_kernel(kernel, gamma, beta, eps))
+        return _effective_kernel(cache, params, eps)
 
     if not dense_is_cheaper(height * width, kernel_size, num_heads):
         return aft_conv2d(q, k, v, effective(), method='conv')
-    if not records_gradients(q, k, v) and band_is_cheaper(q.shape[0], height, width, kernel_size,
-                                                          q.shape[-1] // num_heads):  # no backward
-        band = cache.get(params, ('band', height, width), lambda: conv_band_weights(effective(), height, width))
-        return aft_conv2d_band(q, k, v, band)
     weights = cache.get(params, ('dense', height, width), lambda: conv_window_weights(effective(), height, width))
     if may_overwrite is not None and may_overwrite():
         batch, num_tokens = q.shape[0], height * width
@@ -50,6 +51,36 @@ def aft_conv2d_reusing_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                   v.reshape(batch, num_tokens, -1), weights, overwrite=True)
         return out.view(q.shape)
     return aft_conv2d_dense(q, k, v, weights)
+
+
+def _effective_kernel(cache: ParameterDerivedCache, params: List[torch.Tensor], eps: float) -> torch.Tensor:
+    """:func:`reparameterized_kernel` of ``params`` (kernel, gamma, beta), built once in ``cache``."""
+    kernel, gamma, beta = params
+    return cache.get(params, ('kernel', eps), lambda: reparameterized_kernel(kernel, gamma, beta, eps))
+
+
+def aft_conv2d_channel_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor,
+                             gamma: torch.Tensor, beta: torch.Tensor, eps: float,
+                             overwrite: bool = False) -> torch.Tensor:
+    """:func:`aft_conv2d_reusing_kernel` without autograd on channel-major inputs, q, v (C, B, H, W) and
+    k (h, B, H, W), on a grid where the dense product is cheaper than the convolution (the mixer checks): the banded
+    product where :func:`~aft_vit.layers.band.band_is_cheaper` (batch 1 and 2 in aft_conv_tiny's layout), else the
+    dense one, with their weights built once until the kernel changes. Returns (C, B, H, W). ``overwrite``: k may
+    be overwritten (the dense path's exp in place), for the rows of the mixer's own projection."""
+    params = [kernel, gamma, beta]
+    cache = derived_cache(kernel)
+    channels, batch, height, width = q.shape
+    num_heads = kernel.shape[0]
+    if band_is_cheaper(batch, height, width, kernel.shape[-1], channels // num_heads):
+        band = cache.get(params, ('band', height, width),
+                         lambda: conv_band_weights(_effective_kernel(cache, params, eps), height, width))
+        return aft_conv2d_band(q, k, v, band)
+    weights = cache.get(params, ('dense', height, width),
+                        lambda: conv_window_weights(_effective_kernel(cache, params, eps), height, width))
+    num_tokens = height * width
+    out = aft_dense_channel_major(q.reshape(channels, batch, num_tokens), k.reshape(num_heads, batch, num_tokens),
+                                  v.reshape(channels, batch, num_tokens), weights, overwrite=overwrite)
+    return out.view(q.shape)
 
 
 @torch.library.custom_op('aft_vit::conv2d_reusing_kernel', mutates_args=())
@@ -62,4 +93,18 @@ def _conv2d_reusing_kernel_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @_conv2d_reusing_kernel_op.register_fake
 def _conv2d_reusing_kernel_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor,
                                 gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    return q.new_empty(q.shape, dtype=v.dtype)
+
+
+@torch.library.custom_op('aft_vit::conv2d_channel_major', mutates_args=())
+def _conv2d_channel_major_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor,
+                             gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """The channel-major operator that compiled inference calls: k is read only (a graph's inputs stay as
+    they are), the output is a new contiguous tensor in ``v``'s dtype, as its fake says."""
+    return aft_conv2d_channel_major(q, k, v, kernel, gamma, beta, eps).to(v.dtype).contiguous()
+
+
+@_conv2d_channel_major_op.register_fake
+def _conv2d_channel_major_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: torch.Tensor,
+                               gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
     return q.new_empty(q.shape, dtype=v.dtype)
