@@ -26,21 +26,24 @@ __all__ = ['aft_conv2d_band', 'band_is_cheaper', 'conv_band_weights']
 
 
 def band_is_cheaper(batch: int, height: int, width: int, kernel_size: int, head_dim: int) -> bool:
-    """Whether the banded product moves fewer values than the dense one, per head, counting the dense weights twice.
+    """Whether the banded product moves fewer values than the dense one, per head, counting the dense weights 1.5
+    times.
 
     The dense product reads its T^2 weights whatever the batch, plus the B (d + 1) T stacked inputs; the banded
     one writes and reads the B (d + 1) H (s W + 1) copied windows (its weights, W (s W + 1), are negligible). A
     model's dense weights come from memory at every forward (4.8 MB a block for aft_conv_tiny at 224 px), the
-    copies of one block stay in cache: hence the factor 2, the weight that fits ``python benchmarks/crossover.py``
-    on an AMD EPYC without AVX512 (at 196 tokens the banded product ran 1.40x as fast as the dense one at batch 1,
-    1.03x at batch 2 and 0.80x at batch 4 in the tiny layout, 0.82x at batch 1 in the 16-head layout). And only
-    while the banded product does fewer multiply-adds, H W (s W + 1) a channel against the dense T^2, that is while
-    s W + 1 <= T (at 100 tokens, kernel 11: 0.89x at batch 1).
+    copies of one block stay in cache: hence the factor, the one that fits ``python benchmarks/crossover.py`` on
+    an AMD EPYC without AVX512 with both products on channel-major inputs (at 196 tokens the banded product ran
+    1.24x as fast as the dense one at batch 1, 0.94x at batch 2 and 0.72x at batch 4 in the tiny layout, 0.83x at
+    batch 1 in the 16-head layout, 1.10x and 1.42x there at 400 and 484 tokens). The factor was 2 while the
+    products took token-major inputs (the banded one then 1.03x to 1.10x as fast at batch 2 in three runs of four).
+    And only while the banded product does fewer multiply-adds, H W (s W + 1) a channel against the dense T^2, that
+    is while s W + 1 <= T (at 100 tokens, kernel 11: 0.73x at batch 1).
     """
     tokens = height * width
     group = head_dim + 1
     band = 2 * batch * group * height * (kernel_size * width + 1)
-    return kernel_size * width + 1 <= tokens and band < 2 * tokens * tokens + batch * group * tokens
+    return kernel_size * width + 1 <= tokens and band < 1.5 * tokens * tokens + batch * group * tokens
 
 
 def conv_band_weights(weight: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -64,7 +64,7 @@ def aft_conv2d_channel_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              overwrite: bool = False) -> torch.Tensor:
     """:func:`aft_conv2d_reusing_kernel` without autograd on channel-major inputs, q, v (C, B, H, W) and
     k (h, B, H, W), on a grid where the dense product is cheaper than the convolution (the mixer checks): the banded
-    product where :func:`~aft_vit.layers.band.band_is_cheaper` (batch 1 and 2 in aft_conv_tiny's layout), else the
+    product where :func:`~aft_vit.layers.band.band_is_cheaper` (batch 1 in aft_conv_tiny's layout at 224 px), else the
     dense one, with their weights built once until the kernel changes. Returns (C, B, H, W). ``overwrite``: k may
     be overwritten (the dense path's exp in place), for the rows of the mixer's own projection."""
     params = [kernel, gamma, beta]
