@@ -2,14 +2,15 @@
 
     python benchmarks/blocks.py [--batches 1 32] [--rounds 60] [--update-readme]
 
-For aft_conv_tiny / deit_tiny_patch16_224 and aft_conv_small, aft_full_small, aft_local_small /
-deit_small_patch16_224 at 224 px, in inference: the token mixer with its projections (DeiT's timm ``Attention``:
-qkv, scaled_dot_product_attention, proj), its two projections alone, the MLP and the whole block, on the tokens the
-block sees (AFT-conv's 196 patches; 197 with the class token of DeiT, AFT-full and AFT-local). 'mixing' is the
-mixer's time less its two projections' (a difference of medians): AFT's product against attention itself. Every part
-of both models runs once in each round, in turn (DeiT first in every other round), so that each reads its weights
-after the others have run, as in a forward; the medians over the rounds. The throughput tables say whether a model
-is faster; this one says which part of a block makes the difference.
+For aft_conv_tiny / deit_tiny_patch16_224 and aft_conv_small, aft_full_small, aft_local_small / deit_small_patch16_224
+at 224 px, in inference: the token mixer with its projections (DeiT's timm ``Attention``: qkv,
+scaled_dot_product_attention, proj), its two projections alone, the MLP and the whole block, on the tokens the block
+sees (AFT-conv's 196 patches; 197 with the class token of DeiT, AFT-full and AFT-local); AFT-conv's projections as its
+inference runs them at 224 px, channel-major (``AftConv._forward_channel_major``). 'mixing' is the mixer's time less its
+two projections' (a difference of medians): AFT's product against attention itself. Every part of both models runs once
+in each round, in turn (DeiT first in every other round), so that each reads its weights after the others have run, as
+in a forward; the medians over the rounds. The throughput tables say whether a model is faster; this one says which part
+of a block makes the difference.
 """
 import argparse
 import statistics
@@ -42,6 +43,12 @@ def _parts(model_name: str, batch: int) -> Dict[str, Callable[[], torch.Tensor]]
     if hasattr(block, 'mixer'):  # AftBlock: the mixer takes the patch grid
         mixer = block.mixer
         run_mixer, run_block = (lambda: mixer(tokens, grid)), (lambda: block(tokens, grid))
+        with torch.inference_mode():
+            channel_major = hasattr(mixer, '_mixes_channel_major') and mixer._mixes_channel_major(tokens, grid)
+        if channel_major:  # AFT-conv's projections as its inference runs them: (2 C + h, B T) rows, and back
+            rows = torch.randn(model.embed_dim, tokens.shape[0] * tokens.shape[1], generator=torch.Generator())
+            return {'qkv': lambda: mixer._project_in_channel_major(tokens), 'proj': lambda: mixer.proj(rows.t()),
+                    'mixer': run_mixer, 'mlp': lambda: block.mlp(tokens), 'block': run_block}
     else:
         mixer = block.attn
         run_mixer, run_block = (lambda: mixer(tokens)), (lambda: block(tokens))

@@ -377,17 +377,21 @@ class AftConv(AftMixer, name='conv'):
         with no copy. The same weights and sums as the token-major path: the model's output agrees to float
         rounding (tests/test_channel_major.py)."""
         batch, (height, width) = x.shape[0], feat_size
-        tokens = x.reshape(-1, self.dim)
-        if self.qkv.bias is None:
-            qkv = torch.mm(self.qkv.weight, tokens.t())
-        else:
-            qkv = torch.addmm(self.qkv.bias.unsqueeze(1), self.qkv.weight, tokens.t())
+        qkv = self._project_in_channel_major(x)
         q, k, v = qkv.view(-1, batch, height, width).split([self.dim, self.key_dim, self.dim], dim=0)
         if torch.compiler.is_compiling():
             out = torch.ops.aft_vit.conv2d_channel_major(q, k, v, *self._kernel_params(), self.eps)
         else:  # k: rows of this call's own projection
             out = aft_conv2d_channel_major(q, k, v, *self._kernel_params(), self.eps, overwrite=True)
         return self._project_out(out.view(self.dim, -1).t()).view(batch, -1, self.dim)
+
+    @torch.jit.unused
+    def _project_in_channel_major(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.qkv(x)`` for (B, T, C) tokens, transposed: (2 C + h, B T) rows, computed as such (one product)."""
+        tokens = x.reshape(-1, self.dim)
+        if self.qkv.bias is None:
+            return torch.mm(self.qkv.weight, tokens.t())
+        return torch.addmm(self.qkv.bias.unsqueeze(1), self.qkv.weight, tokens.t())
 
     @torch.jit.unused
     def _mix_reusing_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
