@@ -93,13 +93,33 @@ def _recording_gradients(mixer: AftConv, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize('call', [_hooked, _under_autocast, _recording_gradients])
-def test_token_major_where_the_projections_must_run_as_modules(call, monkeypatch):
+def test_token_major_under_a_hook_autocast_or_gradients(call, monkeypatch):
     calls = _spy(monkeypatch)
     mixer, x = _mixer(), torch.randn(2, 30, 16)
     out = call(mixer, x)
     assert calls == []
-    torch.testing.assert_close(out.float(), _token_major(_mixer(), x), rtol=0.05 if out.dtype != x.dtype else 1e-6,
-                               atol=0.05 if out.dtype != x.dtype else 1e-6)
+    tolerance = 0.05 if out.dtype != x.dtype else 1e-6
+    torch.testing.assert_close(out.float(), _token_major(_mixer(), x), rtol=tolerance, atol=tolerance)
+
+
+class _DoubledLinear(torch.nn.Linear):
+    """A layer that adapts ``nn.Linear`` (as a LoRA wrapper would): its output is not its weight's product."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_token_major_where_qkv_is_not_a_plain_linear(monkeypatch):
+    calls = _spy(monkeypatch)
+    mixer, x = _mixer(), torch.randn(2, 30, 16)
+    plain = _token_major(mixer, x)
+    adapted = _DoubledLinear(16, 36)
+    adapted.load_state_dict(mixer.qkv.state_dict())
+    mixer.qkv = adapted
+    with torch.inference_mode():
+        out = mixer(x, GRID)
+    assert calls == [] and not torch.allclose(out, plain, atol=1e-3)
+    torch.testing.assert_close(out, _token_major(mixer, x), rtol=1e-6, atol=1e-6)
 
 
 def test_token_major_on_grids_of_the_convolution_path(monkeypatch):

@@ -354,18 +354,19 @@ class AftConv(AftMixer, name='conv'):
     @torch.jit.unused
     def _mixes_channel_major(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> bool:
         """Whether to take :meth:`_forward_channel_major`: CPU inference (nothing records gradients) in float32 or
-        float64 without autocast, no hook on the projections (they are computed without calling them), and a grid
-        where the dense or banded product is cheaper than the convolution (:func:`dense_is_cheaper`: 224 px, not
-        896), whose token-last passes gain from channel-major rows; the convolution path is token-major."""
+        float64 without autocast; ``qkv`` a plain ``nn.Linear`` without hooks, as that path computes it from its
+        weight without calling it (a wrapped or adapted layer, a quantized one, a hook that keeps its output: the
+        module is called, token-major); and a grid where the dense or banded product is cheaper than the
+        convolution (:func:`dense_is_cheaper`: 224 px, not 896), whose token-last passes gain from channel-major
+        rows; the convolution path is token-major."""
         if not self._may_cache() or x.device.type != 'cpu' or x.dtype not in (torch.float32, torch.float64):
             return False
         if torch.is_autocast_enabled('cpu'):
             return False
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return False
-        if (self.qkv._forward_hooks or self.qkv._forward_pre_hooks or self.proj._forward_hooks
-                or self.proj._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                or nn.modules.module._global_forward_pre_hooks):
+        if (type(self.qkv) is not nn.Linear or self.qkv._forward_hooks or self.qkv._forward_pre_hooks
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
             return False
         return dense_is_cheaper(feat_size[0] * feat_size[1], self.kernel_size, self.num_heads)
 
