@@ -10,8 +10,9 @@ cell where that choice is the slower one here. Then, within the convolution path
 outside each window (prefix sums; products with 0/1 matrices, which it uses while H + W <= 2 s^2) on grids of side
 14 to 192, for the tiny layout's 224 stacked channels at batch 1, in inference. Last, the dense product against
 the banded one (``aft_vit.layers.band``, which reads (h, W, s W + 1) weights instead of (h, T, T) and copies each
-input s times) in inference at batch 1, 2 and 4, marking where ``band_is_cheaper`` picks the slower, and the grids
-past the dense weight cap, where the mixers take the convolution path and ask neither.
+input s times) in inference at batch 1, 2 and 4, both on channel-major inputs as the mixers give them, marking where
+``band_is_cheaper`` picks the slower, and the grids past the dense weight cap, where the mixers take the convolution
+path and ask neither.
 """
 import argparse
 import statistics

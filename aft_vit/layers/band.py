@@ -79,7 +79,7 @@ def _far_tokens(height: int, width: int, radius: int, dtype: torch.dtype, device
 def aft_conv2d_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """:func:`~aft_vit.layers.aft_conv2d` on the weights of :func:`conv_band_weights`, without autograd, on
     channel-major inputs: the rows of the mixer's channel-major projection (``AftConv._forward_channel_major``),
-    in which every pass below reads and writes runs of whole grid rows instead of one value per head.
+    from which the stacked inputs are built by runs of whole grid rows instead of one value per head.
 
     Args:
         q, v: (C, B, H, W); k: (h, B, H, W); weights: (h, W, s W + 1) with s odd.
