@@ -46,7 +46,8 @@ def _parts(model_name: str, batch: int) -> Dict[str, Callable[[], torch.Tensor]]
         with torch.inference_mode():
             channel_major = hasattr(mixer, '_mixes_channel_major') and mixer._mixes_channel_major(tokens, grid)
         if channel_major:  # AFT-conv's projections as its inference runs them: (2 C + h, B T) rows, and back
-            rows = torch.randn(model.embed_dim, tokens.shape[0] * tokens.shape[1], generator=torch.Generator())
+            rows = torch.randn(model.embed_dim, tokens.shape[0] * tokens.shape[1],
+                               generator=torch.Generator().manual_seed(1))
             return {'qkv': lambda: mixer._project_in_channel_major(tokens), 'proj': lambda: mixer.proj(rows.t()),
                     'mixer': run_mixer, 'mlp': lambda: block.mlp(tokens), 'block': run_block}
     else:
