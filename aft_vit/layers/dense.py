@@ -257,6 +257,20 @@ def records_gradients(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
     return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
 
 
+def _images_per_chunk(num_tokens: int, num_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Images per chunk of the inference products: up to ``INFERENCE_CHUNK_BYTES`` of stacked inputs, at least one."""
+    per_image = num_tokens * (head_dim + 1) * num_heads * torch.finfo(dtype).bits // 8
+    return max(1, INFERENCE_CHUNK_BYTES // per_image)
+
+
+def _exp_shifted_keys(k: torch.Tensor, token_dim: int, dtype: torch.dtype, overwrite: bool) -> torch.Tensor:
+    """``exp(k - max over tokens)`` in ``dtype``: in place in ``k`` with ``overwrite`` (k then already in that
+    dtype, :func:`can_overwrite`), else a new tensor."""
+    if overwrite:
+        return k.sub_(k.amax(dim=token_dim, keepdim=True)).exp_()
+    return (k.to(dtype) - k.amax(dim=token_dim, keepdim=True).to(dtype)).exp_()
+
+
 @torch.jit.unused
 def aft_dense_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
                         overwrite: bool = False) -> torch.Tensor:
@@ -278,13 +292,9 @@ def aft_dense_in_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weigh
     if weights.dtype != dtype:
         weights = weights.to(dtype)
     out = torch.empty(batch, num_tokens, num_heads, head_dim, dtype=v.dtype, device=v.device)
-    per_image = num_tokens * (head_dim + 1) * num_heads * torch.finfo(dtype).bits // 8
-    step = max(1, INFERENCE_CHUNK_BYTES // per_image)
+    step = _images_per_chunk(num_tokens, num_heads, head_dim, dtype)
     with _autocast_off(q.device.type):
-        if overwrite:
-            exp_k = k.sub_(k.amax(dim=1, keepdim=True)).exp_()
-        else:
-            exp_k = (k.to(dtype) - k.amax(dim=1, keepdim=True).to(dtype)).exp_()
+        exp_k = _exp_shifted_keys(k, 1, dtype, overwrite)
         for start in range(0, batch, step):
             end = min(batch, start + step)
             x = _empty_stack(end - start, num_tokens, num_heads, head_dim, shared, dtype, v.device)
@@ -313,15 +323,11 @@ def aft_dense_channel_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w
     if weights.dtype != dtype:
         weights = weights.to(dtype)
     out = torch.empty(num_heads, head_dim, batch, num_tokens, dtype=v.dtype, device=v.device)
-    per_image = num_tokens * (head_dim + 1) * num_heads * torch.finfo(dtype).bits // 8
-    step = max(1, INFERENCE_CHUNK_BYTES // per_image)
+    step = _images_per_chunk(num_tokens, num_heads, head_dim, dtype)
     gates = q.reshape(out.shape)
     values = v.reshape(out.shape)
     with _autocast_off(q.device.type):
-        if overwrite:
-            exp_k = k.sub_(k.amax(dim=2, keepdim=True)).exp_()
-        else:
-            exp_k = (k.to(dtype) - k.amax(dim=2, keepdim=True).to(dtype)).exp_()
+        exp_k = _exp_shifted_keys(k, 2, dtype, overwrite)
         for start in range(0, batch, step):
             end = min(batch, start + step)
             x = torch.empty(num_heads, end - start, head_dim + 1, num_tokens, dtype=dtype, device=v.device)
