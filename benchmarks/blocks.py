@@ -43,18 +43,18 @@ def _parts(model_name: str, batch: int) -> Dict[str, Callable[[], torch.Tensor]]
     if hasattr(block, 'mixer'):  # AftBlock: the mixer takes the patch grid
         mixer = block.mixer
         run_mixer, run_block = (lambda: mixer(tokens, grid)), (lambda: block(tokens, grid))
-        with torch.inference_mode():
-            channel_major = hasattr(mixer, '_mixes_channel_major') and mixer._mixes_channel_major(tokens, grid)
-        if channel_major:  # AFT-conv's projections as its inference runs them: (2 C + h, B T) rows, and back
-            rows = torch.randn(model.embed_dim, tokens.shape[0] * tokens.shape[1],
-                               generator=torch.Generator().manual_seed(1))
-            return {'qkv': lambda: mixer._project_in_channel_major(tokens), 'proj': lambda: mixer.proj(rows.t()),
-                    'mixer': run_mixer, 'mlp': lambda: block.mlp(tokens), 'block': run_block}
     else:
         mixer = block.attn
         run_mixer, run_block = (lambda: mixer(tokens)), (lambda: block(tokens))
-    return {'qkv': lambda: mixer.qkv(tokens), 'proj': lambda: mixer.proj(tokens), 'mixer': run_mixer,
-            'mlp': lambda: block.mlp(tokens), 'block': run_block}
+    run_qkv, run_proj = (lambda: mixer.qkv(tokens)), (lambda: mixer.proj(tokens))
+    with torch.inference_mode():
+        channel_major = hasattr(mixer, '_mixes_channel_major') and mixer._mixes_channel_major(tokens, grid)
+    if channel_major:  # AFT-conv's projections as its inference runs them: (2 C + h, B T) rows, and back
+        rows = torch.randn(model.embed_dim, tokens.shape[0] * tokens.shape[1],
+                           generator=torch.Generator().manual_seed(1))
+        run_qkv, run_proj = (lambda: mixer._project_in_channel_major(tokens)), (lambda: mixer.proj(rows.t()))
+    return {'qkv': run_qkv, 'proj': run_proj, 'mixer': run_mixer, 'mlp': lambda: block.mlp(tokens),
+            'block': run_block}
 
 
 def _rows(aft_name: str, deit_name: str, batch: int, rounds: int) -> List[dict]:

@@ -38,13 +38,10 @@ def aft_conv2d_reusing_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     cache = derived_cache(kernel)
     height, width = q.shape[1], q.shape[2]
     num_heads, kernel_size = kernel.shape[0], kernel.shape[-1]
-
-    def effective() -> torch.Tensor:
-        return _effective_kernel(cache, params, eps)
-
     if not dense_is_cheaper(height * width, kernel_size, num_heads):
-        return aft_conv2d(q, k, v, effective(), method='conv')
-    weights = cache.get(params, ('dense', height, width), lambda: conv_window_weights(effective(), height, width))
+        return aft_conv2d(q, k, v, _effective_kernel(cache, params, eps), method='conv')
+    weights = cache.get(params, ('dense', height, width),
+                        lambda: conv_window_weights(_effective_kernel(cache, params, eps), height, width))
     if may_overwrite is not None and may_overwrite():
         batch, num_tokens = q.shape[0], height * width
         out = aft_dense_in_chunks(q.reshape(batch, num_tokens, -1), k.reshape(batch, num_tokens, -1),
