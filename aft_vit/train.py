@@ -42,6 +42,7 @@ import aft_vit  # noqa: F401  registers the aft models
 from .checkpoint import CHECKPOINT_VERSION, command_history, load_checkpoint_file, load_weights, save_atomic
 from .factory import create_model_checked
 from .data import check_image_folder, resolve_split_dir
+from .device_data import check_device_data_args, device_resident_loader
 from .errors import UserInputError
 from .machine import machine_description
 from .precision import autocast_is_faster, time_precisions
@@ -167,6 +168,9 @@ def _add_misc_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument('-j', '--workers', type=int, default=min(4, os.cpu_count() or 1))
     g.add_argument('--pin-mem', action='store_true')
     g.add_argument('--no-prefetcher', action='store_true')
+    g.add_argument('--device-data', action='store_true',
+                   help='decode the training images once, keep them on the device and crop / flip / mix there '
+                        '(small data sets on a GPU, where loader workers cannot keep up)')
     g.add_argument('--output', default='output', help='parent folder of the experiment folder')
     g.add_argument('--experiment', default='', help='experiment folder name (default: date-model-size)')
     g.add_argument('--eval-metric', default='top1')
@@ -206,6 +210,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args.data_dir = args.data_dir or args.data
     if not args.data_dir:
         raise UserInputError('no dataset: pass --data-dir DIR (an ImageFolder root with train/ and val/ or test/)')
+    if args.device_data:
+        check_device_data_args(args)  # before any image is read
     return args
 
 
@@ -297,7 +303,7 @@ class _Loaders(NamedTuple):
 def _build_loaders(args: argparse.Namespace, train_dir: Path, eval_dir: Optional[Path], data_config: Dict[str, Any],
                    num_classes: int, device: torch.device) -> _Loaders:
     """timm's datasets and loaders (augmentation, mixup / cutmix, distributed sampling) for both splits."""
-    use_prefetcher = device.type == 'cuda' and not args.no_prefetcher
+    use_prefetcher = device.type == 'cuda' and not args.no_prefetcher and not args.device_data
     dataset_train = create_dataset(args.dataset, root=str(train_dir), split=args.train_split, is_training=True,
                                    class_map=args.class_map, num_samples=args.train_num_samples, seed=args.seed)
     mixup_fn, collate_mixup = None, None
@@ -322,7 +328,11 @@ def _build_loaders(args: argparse.Namespace, train_dir: Path, eval_dir: Optional
                            else args.train_interpolation),
             collate_fn=collate_mixup, **common)
 
-    loader_train = train_loader(data_config['input_size'])
+    if args.device_data:  # decoded once onto the device, augmented there per batch
+        loader_train = device_resident_loader(args, dataset_train, data_config, device, data_config['input_size'])
+        train_loader = lambda input_size: loader_train.resized(input_size[-1])  # noqa: E731
+    else:
+        loader_train = train_loader(data_config['input_size'])
     if len(loader_train) == 0:
         raise UserInputError(f'{train_dir} has {len(dataset_train)} images: fewer than one batch of '
                              f'{args.batch_size} per process; lower -b')

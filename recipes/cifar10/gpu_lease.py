@@ -5,10 +5,13 @@ working tree, and nothing it leaves behind survives it:
 
     python recipes/cifar10/gpu_lease.py prepare        # here: CIFAR-10's training images and the timm wheel
     python recipes/cifar10/gpu_lease.py run --out DIR  # there: train, then pack the weights into DIR
+    python recipes/cifar10/gpu_lease.py run --recipe recipes/cifar10/aft_conv_tiny_stem4_32.gpu-resident.yaml \
+        --fallback-recipe recipes/cifar10/aft_conv_tiny_stem4_32.gpu-lease.yaml --experiment NAME --out DIR
     python recipes/cifar10/gpu_lease.py unpack DIR     # here: DIR's pieces back into output/cifar10-gpu/<experiment>/
 
 ``run`` times two calibration epochs first, then trains ``--epochs`` as many as fit the budget in one schedule (one
-warm-up, one cosine decay), so the learning rate schedule is fixed before the run starts. Only the training split
+warm-up, one cosine decay), so the learning rate schedule is fixed before the run starts. Where the recipe fails to
+calibrate (a lease cannot be repeated), ``--fallback-recipe`` is calibrated and trained instead. Only the training split
 travels: the test split is for the final evaluation, done here by ``aft-vit eval`` on the last checkpoint.
 """
 import argparse
@@ -48,9 +51,9 @@ def prepare(shared_zip: Path) -> None:
           f'timm {timm.__version__} wheel -> {LEASE_DIR}')
 
 
-def _train_command(extra: List[str], compile_backend: str) -> List[str]:
+def _train_command(recipe: str, extra: List[str], compile_backend: str) -> List[str]:
     compile_args = ['--torchcompile', compile_backend] if compile_backend else []
-    return [sys.executable, '-m', 'aft_vit', 'train', '--config', RECIPE, '--data-dir', 'data/cifar10-jpg',
+    return [sys.executable, '-m', 'aft_vit', 'train', '--config', recipe, '--data-dir', 'data/cifar10-jpg',
             '--val-split', '', '--no-progress', '--skip-image-check', *extra, *compile_args]
 
 
@@ -59,22 +62,28 @@ def _epoch_seconds(summary: Path) -> List[float]:
         return [float(row['train_seconds']) for row in csv.DictReader(f)]
 
 
-def _calibrate(compile_backend: str) -> Tuple[List[float], float, str]:
-    """Two epochs of the recipe, timed; with a torch.compile backend that fails here, two eager ones instead."""
+def _calibrate(recipe: str, compile_backend: str, fallback_recipe: str) -> Tuple[List[float], float, str, str]:
+    """Two epochs of the recipe, timed; with a torch.compile backend that fails here, two eager ones instead, and
+    where the recipe fails, two of ``fallback_recipe``. Returns the times and the recipe and backend that ran."""
     calibration = Path('/tmp/lease-calibration')
     shutil.rmtree(calibration, ignore_errors=True)
     extra = ['--epochs', '2', '--warmup-epochs', '1', '--output', str(calibration), '--experiment', 'calibration']
     start = time.monotonic()
-    result = subprocess.run(_train_command(extra, compile_backend), cwd=ROOT)
+    result = subprocess.run(_train_command(recipe, extra, compile_backend), cwd=ROOT)
     if result.returncode != 0:
-        if not compile_backend:
-            raise SystemExit('calibration failed')
-        print(f'calibration with --torchcompile {compile_backend} failed: training eagerly', flush=True)
-        return _calibrate('')
-    return _epoch_seconds(calibration / 'calibration' / 'summary.csv'), time.monotonic() - start, compile_backend
+        if compile_backend:
+            print(f'calibration with --torchcompile {compile_backend} failed: training eagerly', flush=True)
+            return _calibrate(recipe, '', fallback_recipe)
+        if fallback_recipe:
+            print(f'calibration of {recipe} failed: calibrating {fallback_recipe}', flush=True)
+            return _calibrate(fallback_recipe, '', '')
+        raise SystemExit('calibration failed')
+    seconds = _epoch_seconds(calibration / 'calibration' / 'summary.csv')
+    return seconds, time.monotonic() - start, recipe, compile_backend
 
 
-def run(out: Path, budget_s: float, max_epochs: int, experiment: str, compile_backend: str) -> int:
+def run(out: Path, budget_s: float, max_epochs: int, experiment: str, compile_backend: str, recipe: str = RECIPE,
+        fallback_recipe: str = '') -> int:
     """Install the carried timm, unpack the images, calibrate, train, pack; all inside ``budget_s`` seconds."""
     deadline = time.monotonic() + budget_s
     site = Path('/tmp/lease-site')
@@ -88,22 +97,24 @@ def run(out: Path, budget_s: float, max_epochs: int, experiment: str, compile_ba
     if shutil.which('nvidia-smi'):
         subprocess.run(['nvidia-smi', '-L'], check=False)
 
-    epochs_s, calibration_s, compile_backend = _calibrate(compile_backend)
+    epochs_s, calibration_s, recipe, compile_backend = _calibrate(recipe, compile_backend, fallback_recipe)
     per_epoch_s = epochs_s[-1] * 1.03 + 0.5  # the second epoch (warm caches), saving and fresh loader workers
     # start-up, plus most of what the first epoch spent beyond a warm one (compiling: mostly cached the second time)
     overhead_s = calibration_s - sum(epochs_s) + 0.6 * max(0., epochs_s[0] - epochs_s[-1])
     left_s = deadline - time.monotonic() - overhead_s - 30  # 30 s to pack the result
     epochs = max(1, min(max_epochs, int(left_s // per_epoch_s)))
     warmup = max(1, round(0.05 * epochs))
-    print(f'calibration: {epochs_s} s per epoch, {calibration_s:.0f} s in all -> {epochs} epochs, {warmup} warm-up',
-          flush=True)
+    print(f'calibration of {recipe}: {epochs_s} s per epoch, {calibration_s:.0f} s in all -> {epochs} epochs, '
+          f'{warmup} warm-up', flush=True)
 
-    command = _train_command(['--epochs', str(epochs), '--warmup-epochs', str(warmup), '--output', OUTPUT,
+    command = _train_command(recipe, ['--epochs', str(epochs), '--warmup-epochs', str(warmup), '--output', OUTPUT,
                               '--experiment', experiment], compile_backend)
     try:
         subprocess.run(command, check=True, cwd=ROOT, timeout=max(1., deadline - time.monotonic() - 20))
     except subprocess.TimeoutExpired:
         print('training ran out of the budget: packing the last finished epoch (resume it with --resume)', flush=True)
+    except subprocess.CalledProcessError as e:
+        print(f'training stopped with exit status {e.returncode}: packing the last finished epoch', flush=True)
     return pack(ROOT / OUTPUT / experiment, out)
 
 
@@ -151,6 +162,8 @@ def main() -> int:
     r.add_argument('--budget-s', type=float, default=480., help='wall time for everything, packing included')
     r.add_argument('--max-epochs', type=int, default=300)
     r.add_argument('--experiment', default=EXPERIMENT)
+    r.add_argument('--recipe', default=RECIPE)
+    r.add_argument('--fallback-recipe', default='', help='trained instead where --recipe fails to calibrate')
     r.add_argument('--torchcompile', nargs='?', const='inductor', default='',
                    help='compile the model (timm train.py flag); eager training if compiling fails')
     u = sub.add_parser('unpack')
@@ -160,7 +173,8 @@ def main() -> int:
     if args.step == 'prepare':
         prepare(args.shared_zip)
     elif args.step == 'run':
-        return run(args.out, args.budget_s, args.max_epochs, args.experiment, args.torchcompile)
+        return run(args.out, args.budget_s, args.max_epochs, args.experiment, args.torchcompile, args.recipe,
+                   args.fallback_recipe)
     else:
         unpack(args.parts_dir, args.experiment)
     return 0
