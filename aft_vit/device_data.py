@@ -12,6 +12,7 @@ up to ten times). Resampling is ``grid_sample`` without antialiasing: meant for 
 (CIFAR-10), not for shrinking large photos. Per-image photometric augmentation (colour jitter, RandAugment) has no
 batched form here; mixup / cutmix and random erasing run on the batch with timm's ``Mixup`` and ``RandomErasing``.
 """
+import copy
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional, Sequence, Tuple
@@ -77,8 +78,7 @@ class DeviceResidentLoader:
 
     def resized(self, size: int) -> 'DeviceResidentLoader':
         """The same loader producing ``size`` x ``size`` batches (progressive resizing)."""
-        other = object.__new__(DeviceResidentLoader)
-        other.__dict__.update(self.__dict__)
+        other = copy.copy(self)  # shares the images, the sampler and the erasing
         other.output_size = (size, size)
         return other
 

@@ -330,9 +330,10 @@ def _build_loaders(args: argparse.Namespace, train_dir: Path, eval_dir: Optional
 
     if args.device_data:  # decoded once onto the device, augmented there per batch
         loader_train = device_resident_loader(args, dataset_train, data_config, device, data_config['input_size'])
-        train_loader = lambda input_size: loader_train.resized(input_size[-1])  # noqa: E731
+        train_at = loader_train.resized
     else:
         loader_train = train_loader(data_config['input_size'])
+        train_at = lambda size: train_loader((data_config['input_size'][0], size, size))  # noqa: E731
     if len(loader_train) == 0:
         raise UserInputError(f'{train_dir} has {len(dataset_train)} images: fewer than one batch of '
                              f'{args.batch_size} per process; lower -b')
@@ -344,8 +345,7 @@ def _build_loaders(args: argparse.Namespace, train_dir: Path, eval_dir: Optional
             dataset_eval, input_size=data_config['input_size'],
             batch_size=args.validation_batch_size or args.batch_size, is_training=False,
             interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
-    return _Loaders(loader_train, loader_eval, mixup_fn, collate_mixup, len(dataset_train),
-                    lambda size: train_loader((data_config['input_size'][0], size, size)))
+    return _Loaders(loader_train, loader_eval, mixup_fn, collate_mixup, len(dataset_train), train_at)
 
 
 class _Optimization(NamedTuple):

@@ -68,6 +68,14 @@ def test_quarter_area_crops_are_windows_of_half_the_side_spread_over_the_image(d
     assert min(tops) <= 3 and max(tops) >= 13 and min(lefts) <= 3 and max(lefts) >= 13
 
 
+def test_a_resized_loader_draws_batches_of_its_own_size_from_the_same_images(decoded):
+    images, targets = decoded[:2]
+    loader = _loader(images, targets)
+    small = loader.resized(16)
+    assert next(iter(small))[0].shape == (16, 3, 16, 16) and next(iter(loader))[0].shape == (16, 3, 32, 32)
+    assert small.images is loader.images and len(small) == len(loader) == 20
+
+
 def test_epochs_are_permutations_shared_by_ranks_which_split_them(decoded):
     images, targets = decoded[:2]
     ranks = [_loader(images, targets.clone(), rank=r, world_size=2, seed=3) for r in (0, 1)]
