@@ -12,6 +12,7 @@ up to ten times). Resampling is ``grid_sample`` without antialiasing: meant for 
 (CIFAR-10), not for shrinking large photos. Per-image photometric augmentation (colour jitter, RandAugment) has no
 batched form here; mixup / cutmix and random erasing run on the batch with timm's ``Mixup`` and ``RandomErasing``.
 """
+import argparse
 import copy
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -26,12 +27,12 @@ from torch.utils.data import DistributedSampler
 
 from .errors import UserInputError
 
-_GRID_SAMPLE_MODES = {'bilinear': 'bilinear', 'bicubic': 'bicubic', 'nearest': 'nearest'}
+_RESAMPLING = ('bilinear', 'bicubic', 'nearest')  # grid_sample's modes
 
 
 def decode_dataset(dataset, size: Tuple[int, int], workers: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Every image of a timm ``ImageDataset`` as one (N, 3, H, W) uint8 tensor, resized to ``size`` where it differs,
-    and the (N,) int64 targets. The dataset's transform is left unset, so items come back as PIL images."""
+    and the (N,) int64 targets. The dataset's transform is cleared (set to None), so items come back as PIL images."""
     dataset.transform = None
 
     def load(index: int) -> Tuple[np.ndarray, int]:
@@ -58,8 +59,8 @@ class DeviceResidentLoader:
                  ratio: Sequence[float] = (3. / 4., 4. / 3.), hflip: float = 0.5, vflip: float = 0.,
                  interpolation: str = 'bilinear', random_erasing: Optional[RandomErasing] = None,
                  rank: int = 0, world_size: int = 1, seed: int = 0) -> None:
-        if interpolation not in _GRID_SAMPLE_MODES and interpolation != 'random':
-            raise UserInputError(f'--device-data resamples with {sorted(_GRID_SAMPLE_MODES)} or random, '
+        if interpolation not in _RESAMPLING and interpolation != 'random':
+            raise UserInputError(f'--device-data resamples with {", ".join(_RESAMPLING)} or random, '
                                  f'not {interpolation!r}: set --train-interpolation to one of them')
         self.images, self.targets = images, targets.to(images.device)
         self.batch_size = batch_size
@@ -112,7 +113,7 @@ class DeviceResidentLoader:
         mode = self.interpolation
         if mode == 'random':  # timm's 'random' picks bilinear or bicubic; here one draw per batch
             mode = 'bicubic' if torch.rand(()) < 0.5 else 'bilinear'
-        images = F.grid_sample(batch.float(), grid, mode=_GRID_SAMPLE_MODES[mode], padding_mode='border',
+        images = F.grid_sample(batch.float(), grid, mode=mode, padding_mode='border',
                                align_corners=False)
         images = (images.clamp_(0, 255) - self.mean) / self.std
         if self.random_erasing is not None:
@@ -120,7 +121,7 @@ class DeviceResidentLoader:
         return images
 
 
-def check_device_data_args(args) -> None:
+def check_device_data_args(args: argparse.Namespace) -> None:
     """Refuse the augmentations that ``--device-data`` cannot apply, rather than silently skip them."""
     refused = []
     if args.aa:
@@ -134,7 +135,7 @@ def check_device_data_args(args) -> None:
                              'device, but has no per-image ' + ', '.join(refused) + ': drop them or --device-data')
 
 
-def device_resident_loader(args, dataset, data_config: dict, device: torch.device,
+def device_resident_loader(args: argparse.Namespace, dataset, data_config: dict, device: torch.device,
                            input_size: Sequence[int]) -> DeviceResidentLoader:
     """Decode ``dataset`` onto ``device`` and wrap it with the run's augmentation arguments."""
     check_device_data_args(args)

@@ -41,8 +41,8 @@ for name in ('aft_conv_tiny_stem4_32', 'vit_tiny_patch16_224'):
             torch.cuda.synchronize()
         gpu_us = sum(e.device_time_total for e in prof.key_averages() if e.device_time_total) / 3
         kernels = sum(e.count for e in prof.key_averages() if e.device_time_total) / 3
-        print(f'{name} b{batch}: step {t_s*1e3:.1f} ms ({batch/t_s:.0f} img/s), fwd+bwd {t_fb*1e3:.1f}, fwd {t_f*1e3:.1f} ms; '
-              f'GPU busy ~{gpu_us/1e3:.1f} ms/step in ~{kernels:.0f} kernel calls', flush=True)
+        print(f'{name} b{batch}: step {t_s*1e3:.1f} ms ({batch/t_s:.0f} img/s), fwd+bwd {t_fb*1e3:.1f}, '
+              f'fwd {t_f*1e3:.1f} ms; GPU busy ~{gpu_us/1e3:.1f} ms/step in ~{kernels:.0f} kernel calls', flush=True)
         if batch == 512 and name.startswith('aft'):
             print(prof.key_averages().table(sort_by='device_time_total', row_limit=12), flush=True)
 images = torch.randint(0, 256, (50000, 3, 32, 32), dtype=torch.uint8, device=dev)
