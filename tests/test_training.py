@@ -451,3 +451,27 @@ def test_gpu_lease_pack_and_unpack_bring_back_the_weights_without_the_optimizer(
     assert (back['epoch'], back['args']) == (26, dict(epochs=27))
     torch.testing.assert_close(back['state_dict']['weight'], state_dict['weight'], rtol=0, atol=0)
     assert (back_dir / 'summary.csv').read_text() == (run_dir / 'summary.csv').read_text()
+
+
+def test_gpu_lease_calibrates_the_fallback_recipe_where_the_recipe_fails(tmp_path, monkeypatch):
+    """A lease cannot be repeated: a recipe whose calibration fails (here: exit status 1) hands over to
+    ``--fallback-recipe``, whose timed epochs and name come back for the run that follows."""
+    lease = load_script('recipes/cifar10/gpu_lease.py')
+    calls = []
+
+    def fake_run(command, cwd=None):
+        recipe = command[command.index('--config') + 1]
+        calls.append(recipe)
+        if recipe == 'broken.yaml':
+            return subprocess.CompletedProcess(command, 1)
+        summary = Path('/tmp/lease-calibration/calibration/summary.csv')
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text('epoch,train_loss,train_seconds\n0,2.0,12.5\n1,1.8,6.25\n')
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(lease.subprocess, 'run', fake_run)
+    seconds, _, recipe, backend = lease._calibrate('broken.yaml', 'inductor', 'fallback.yaml')
+    assert calls == ['broken.yaml', 'broken.yaml', 'fallback.yaml']  # compiled, eager, then the fallback
+    assert (seconds, recipe, backend) == ([12.5, 6.25], 'fallback.yaml', '')
+    with pytest.raises(SystemExit, match='calibration failed'):
+        lease._calibrate('broken.yaml', '', '')
