@@ -14,7 +14,8 @@ from aft_vit.layers import AftConv, AftFull, AftLocal
 from aft_vit.layers import functional
 from aft_vit.layers.cache import derived_cache
 from aft_vit.layers.dense import _dense_ops, _DenseAft, aft_dense_in_chunks, can_overwrite
-from aft_vit.layers.functional import aft_full, conv_window_weights, full_bias_weights, local_window_mask_2d
+from aft_vit.layers.functional import (
+    _window_index, aft_full, conv_window_weights, full_bias_weights, local_window_mask_2d)
 
 from .reference import naive_aft
 
@@ -339,6 +340,24 @@ def test_the_compiled_dense_operators_are_consistent(heads, shared):
     reference = torch.autograd.grad(_DenseAft.apply(q, k, v, w), (q, k, v, w), grad)
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_compiled_window_weight_operators_gather_and_sum_back_as_index_select_does():
+    """The (h, T, T) weights compiled training gathers from the kernel's table, and their gradient summed back into
+    it: torch.library's checks of both operators, and float64 values and gradients against plain index_select."""
+    g = torch.Generator().manual_seed(0)
+    height, width, kernel_size = 5, 6, 3
+    table = torch.rand(4, kernel_size * kernel_size + 1, generator=g, dtype=torch.float64).requires_grad_()
+    torch.library.opcheck(torch.ops.aft_vit.window_weights.default, (table, height, width, kernel_size))
+    grad = torch.randn(4, 30, 30, generator=g, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.aft_vit.window_weights_backward.default, (grad, height, width, kernel_size))
+    ours = torch.ops.aft_vit.window_weights(table, height, width, kernel_size)
+    index = _window_index(height, width, kernel_size, table.device)
+    reference = table.index_select(1, index).view(4, 30, 30)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    ours_grad, = torch.autograd.grad(ours, table, grad)
+    reference_grad, = torch.autograd.grad(reference, table, grad)
+    torch.testing.assert_close(ours_grad, reference_grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('cls', [AftConv, AftFull])
