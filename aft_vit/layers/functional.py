@@ -356,10 +356,10 @@ def _gather_window_weights(table: torch.Tensor, height: int, width: int, kernel_
 
 
 # Compiled training gathers the (h, T, T) weights from the (h, s * s + 1) table and sums their gradient back into it
-# at every step. Inductor's own loops for the two (a gather, and an index_add whose adds it serializes) took ~11 and
-# ~65 ms a step for aft_conv_tiny at batch 1 on an Intel Xeon, against ~16 and ~11 ms for torch's index_select and
-# its backward in eager code: so the compiled graph calls these as two opaque operators, with the index cached per
-# grid as in eager code.
+# at every step. Inductor's own loops for the two (a gather, and an index_add fused with the elementwise work around
+# it) took ~11 and ~65 ms a step for aft_conv_tiny at batch 1 on an Intel Xeon, against ~16 and ~11 ms for torch's
+# index_select and its backward in eager code: so the compiled graph calls these as two opaque operators, with the
+# index cached per grid as in eager code.
 @torch.library.custom_op('aft_vit::window_weights', mutates_args=())
 def _window_weights_op(table: torch.Tensor, height: int, width: int, kernel_size: int) -> torch.Tensor:
     index = _cached_window_index(height, width, kernel_size, table.device)
