@@ -5,9 +5,10 @@ images whose extension is not in ``timm.data.get_img_extensions()`` and skip unr
 images with a warning; a training run should instead stop at once and name the folder or
 file. The check reads exactly what timm's reader reads.
 """
+import argparse
 import os
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List
 
 from PIL import Image, UnidentifiedImageError
 from timm.data import get_img_extensions
@@ -96,3 +97,8 @@ def _check_readable(path: Path) -> None:
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UserInputError(f'unreadable image file {path}: {e}; fix or remove it') from None
 
+
+def training_interpolation(args: argparse.Namespace, data_config: Dict[str, Any]) -> str:
+    """The resampling of training crops: ``--train-interpolation``, or the model's own where it is unset or
+    ``--no-aug`` asks for the evaluation transform (as timm's train.py)."""
+    return data_config['interpolation'] if args.no_aug or not args.train_interpolation else args.train_interpolation

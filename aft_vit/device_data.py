@@ -25,6 +25,7 @@ from PIL import Image
 from timm.data.random_erasing import RandomErasing
 from torch.utils.data import DistributedSampler
 
+from .data import training_interpolation
 from .errors import UserInputError
 
 _RESAMPLING = ('bilinear', 'bicubic', 'nearest')  # grid_sample's modes
@@ -135,10 +136,12 @@ def check_device_data_args(args: argparse.Namespace) -> None:
                              'device, but has no per-image ' + ', '.join(refused) + ': drop them or --device-data')
 
 
-def device_resident_loader(args: argparse.Namespace, dataset, data_config: dict, device: torch.device,
-                           input_size: Sequence[int]) -> DeviceResidentLoader:
-    """Decode ``dataset`` onto ``device`` and wrap it with the run's augmentation arguments."""
+def device_resident_loader(args: argparse.Namespace, dataset, data_config: dict,
+                           device: torch.device) -> DeviceResidentLoader:
+    """Decode ``dataset`` onto ``device`` at the data config's input size and wrap it with the run's augmentation
+    arguments."""
     check_device_data_args(args)
+    input_size = data_config['input_size']
     images, targets = decode_dataset(dataset, tuple(input_size[-2:]), args.workers)
     try:
         images = images.to(device)
@@ -150,8 +153,7 @@ def device_resident_loader(args: argparse.Namespace, dataset, data_config: dict,
                if args.reprob > 0 and not args.no_aug else None)
     augment = dict(scale=(1., 1.), ratio=(1., 1.), hflip=0., vflip=0.) if args.no_aug else dict(
         scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip)
-    interpolation = (data_config['interpolation'] if args.no_aug or not args.train_interpolation
-                     else args.train_interpolation)
     return DeviceResidentLoader(images, targets, args.batch_size, input_size, data_config['mean'],
-                                data_config['std'], interpolation=interpolation, random_erasing=erasing,
+                                data_config['std'], interpolation=training_interpolation(args, data_config),
+                                random_erasing=erasing,
                                 rank=args.rank, world_size=args.world_size, seed=args.seed, **augment)

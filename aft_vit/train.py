@@ -41,7 +41,7 @@ from timm.utils.summary import trim_summary
 import aft_vit  # noqa: F401  registers the aft models
 from .checkpoint import CHECKPOINT_VERSION, command_history, load_checkpoint_file, load_weights, save_atomic
 from .factory import create_model_checked
-from .data import check_image_folder, resolve_split_dir
+from .data import check_image_folder, resolve_split_dir, training_interpolation
 from .device_data import check_device_data_args, device_resident_loader
 from .errors import UserInputError
 from .machine import machine_description
@@ -324,12 +324,11 @@ def _build_loaders(args: argparse.Namespace, train_dir: Path, eval_dir: Optional
             no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
             ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
             auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats) if args.distributed else 0,
-            interpolation=(data_config['interpolation'] if args.no_aug or not args.train_interpolation
-                           else args.train_interpolation),
+            interpolation=training_interpolation(args, data_config),
             collate_fn=collate_mixup, **common)
 
     if args.device_data:  # decoded once onto the device, augmented there per batch
-        loader_train = device_resident_loader(args, dataset_train, data_config, device, data_config['input_size'])
+        loader_train = device_resident_loader(args, dataset_train, data_config, device)
         train_at = loader_train.resized
     else:
         loader_train = train_loader(data_config['input_size'])

@@ -340,13 +340,20 @@ def conv_window_weights(weight: torch.Tensor, height: int, width: int) -> torch.
     window_kernel, outside_weight = _exp_window_weights(weight)
     table = torch.cat([window_kernel.flatten(1), outside_weight.unsqueeze(1)], dim=1)  # (h, s * s + 1)
     if torch.jit.is_scripting():
+        num_tokens = height * width
         index = _window_index(height, width, kernel_size, weight.device)
-    elif torch.compiler.is_compiling():
+        return table.index_select(1, index).view(num_heads, num_tokens, num_tokens)
+    if torch.compiler.is_compiling():
         return _gather_window_weights(table, height, width, kernel_size)
-    else:
-        index = _cached_window_index(height, width, kernel_size, weight.device)
+    return _gather_by_cached_index(table, height, width, kernel_size)
+
+
+@torch.jit.unused
+def _gather_by_cached_index(table: torch.Tensor, height: int, width: int, kernel_size: int) -> torch.Tensor:
+    """The (h, T, T) weights gathered from the (h, s * s + 1) table by the window index built once per grid."""
     num_tokens = height * width
-    return table.index_select(1, index).view(num_heads, num_tokens, num_tokens)
+    index = _cached_window_index(height, width, kernel_size, table.device)
+    return table.index_select(1, index).view(table.shape[0], num_tokens, num_tokens)
 
 
 @torch.jit.unused
@@ -362,9 +369,7 @@ def _gather_window_weights(table: torch.Tensor, height: int, width: int, kernel_
 # index cached per grid as in eager code.
 @torch.library.custom_op('aft_vit::window_weights', mutates_args=())
 def _window_weights_op(table: torch.Tensor, height: int, width: int, kernel_size: int) -> torch.Tensor:
-    index = _cached_window_index(height, width, kernel_size, table.device)
-    num_tokens = height * width
-    return table.index_select(1, index).view(table.shape[0], num_tokens, num_tokens)
+    return _gather_by_cached_index(table, height, width, kernel_size)
 
 
 @torch.library.custom_op('aft_vit::window_weights_backward', mutates_args=())
