@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from aft_vit.layers import (
     aft_conv2d, aft_conv2d_dense, aft_full, aft_local, aft_simple, conv_window_weights, local_window_mask_2d)
+from aft_vit.layers.dense import aft_dense
 from tests.reference import naive_aft, naive_aft_conv2d, window_1d, window_2d
 
 # (std, offset) of keys and biases: ordinary, then magnitudes of 80 and more where float32 exp overflows
@@ -189,6 +190,51 @@ def test_gradients_match_finite_differences():
                           for x in _grid(batch=1, height=4, width=3, channels=channels, heads=2, size=3))
         for method in ('conv', 'dense'):
             assert torch.autograd.gradcheck(lambda *a: aft_conv2d(*a, method=method), (qc, kc, vc, wc))
+
+
+@pytest.mark.parametrize('heads,head_dim', [(6, 1), (2, 3)])  # AFT-full's shared weights; AFT-conv's per-head ones
+def test_slices_of_one_projection_get_one_gradient_equal_to_the_split_ones(heads, head_dim):
+    """q, k, v as a mixer's split of its fused projection: the dense product takes the projection and returns its
+    gradient whole (no backward of the split); values and gradients equal those through the three slices."""
+    g = torch.Generator().manual_seed(0)
+    channels = heads * head_dim
+    qkv = torch.randn(2, 5, 2 * channels + heads, generator=g, dtype=torch.float64, requires_grad=True)
+    shared = head_dim == 1
+    w = torch.randn(5, 5, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def product(qkv, w):
+        q, k, v = qkv.split([channels, heads, channels], dim=-1)
+        if shared:
+            return aft_full(q, k, v, w)
+        weights = torch.exp(w).expand(heads, 5, 5)
+        return aft_dense(q, k, v, weights)
+
+    out = product(qkv, w)
+    assert type(out.grad_fn).__name__ == '_DenseAftPackedBackward'
+    assert torch.autograd.gradcheck(product, (qkv, w))
+    # the same slices as separate tensors take the unpacked product: the same values and gradients
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    copies = [t.detach().clone().requires_grad_() for t in qkv.split([channels, heads, channels], dim=-1)]
+    w_copy = w.detach().clone().requires_grad_()
+    if shared:
+        separate = aft_full(*copies, w_copy)
+    else:
+        separate = aft_dense(*copies, torch.exp(w_copy).expand(heads, 5, 5))
+    assert type(separate.grad_fn).__name__ == '_DenseAftBackward'
+    torch.testing.assert_close(out, separate, **EXACT)
+    packed_grads = torch.autograd.grad(out, (qkv, w), grad)
+    separate_grads = torch.autograd.grad(separate, (*copies, w_copy), grad)
+    torch.testing.assert_close(packed_grads[0], torch.cat(separate_grads[:3], dim=-1), **EXACT)
+    torch.testing.assert_close(packed_grads[1], separate_grads[3], **EXACT)
+
+
+def test_slices_out_of_order_or_in_bfloat16_take_the_split_product():
+    qkv = torch.randn(2, 5, 9, requires_grad=True)
+    weights = torch.rand(3, 5, 5) + 0.1
+    k, q, v = qkv.split([3, 3, 3], dim=-1)  # k first: q is not the projection's first slice
+    assert type(aft_dense(q, k, v, weights).grad_fn).__name__ == '_DenseAftBackward'
+    q, k, v = qkv.bfloat16().split([3, 3, 3], dim=-1)
+    assert type(aft_dense(q, k, v, weights).grad_fn).__name__ == '_DenseAftBackward'
 
 
 class _ShapeRecorder(TorchDispatchMode):

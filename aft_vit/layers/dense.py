@@ -14,13 +14,15 @@ one matrix product per head, (B (d + 1), T) @ (T, T), efficient even at batch 1;
 (stored token-first, :func:`_empty_stack`) it is one batched product over B, (T, T) @ (T, (d + 1) h), with
 ``W`` broadcast. Training uses a hand-written backward
 (:class:`_DenseAft`; under torch.compile the operators ``aft_vit::dense_forward`` / ``dense_backward``): two
-more products and a few elementwise passes, instead of autograd's graph of a dozen ops. Computed in float32 at
+more products and a few elementwise passes, instead of autograd's graph of a dozen ops. Where q, k, v are the
+slices of a mixer's fused projection, :class:`_DenseAftPacked` writes their gradients into one tensor, the
+projection's. Computed in float32 at
 least (float64 stays float64): bfloat16 exp-weights would lose the bias' precision, and on CPUs without AMX a
 float32 product is as fast. The output has ``v``'s dtype. Without autograd the batch is mixed in chunks
 (:func:`aft_dense_in_chunks`), so that few large temporaries are allocated; the mixers let it overwrite their own k.
 """
 import contextlib
-from typing import ContextManager, Optional, Tuple
+from typing import ContextManager, List, Optional, Tuple
 
 import torch
 
@@ -102,16 +104,18 @@ def _weights_grad(x: torch.Tensor, grad_y: torch.Tensor, shared: bool) -> torch.
     return torch.bmm(x.reshape(num_heads, -1, num_tokens).transpose(1, 2), grad_y.reshape(num_heads, -1, num_tokens))
 
 
-def _sum_of_products(a: torch.Tensor, b: torch.Tensor, shared: bool) -> torch.Tensor:
-    """``(a * b).sum(dim=2)`` over the d + 1 stacked channels of two tensors laid out as :func:`_empty_stack`.
+def _sum_of_products(a: torch.Tensor, b: torch.Tensor, shared: bool, out: Optional[torch.Tensor] = None
+                     ) -> torch.Tensor:
+    """``(a * b).sum(dim=2)`` over the d + 1 stacked channels of two tensors laid out as :func:`_empty_stack`,
+    written into ``out`` if given.
 
     Token-major storage (shared weights) puts those channels h apart in memory: a reduction over them ran ~10x
     slower than one multiply-add per channel (AFT-full's backward, d = 1: two). Head-major storage keeps them T
     apart, where the reduction is as fast and needs one call.
     """
     if not shared:
-        return (a * b).sum(dim=2)
-    total = a[:, :, 0] * b[:, :, 0]
+        return torch.sum(a * b, dim=2, out=out)
+    total = torch.mul(a[:, :, 0], b[:, :, 0], out=out)
     for channel in range(1, a.shape[2]):
         total.addcmul_(a[:, :, channel], b[:, :, channel])
     return total
@@ -140,18 +144,25 @@ def _dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: t
 
 
 def _dense_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weights: torch.Tensor,
-                    weights_grad: bool, input_dtypes: Tuple[torch.dtype, torch.dtype, torch.dtype]
+                    weights_grad: bool, input_dtypes: Tuple[torch.dtype, torch.dtype, torch.dtype],
+                    packed: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Gradients of q (B, T, C), k (B, T, h), v (B, T, C) in ``input_dtypes`` and, if ``weights_grad``, of the
-    weights, from the output's gradient and what :func:`_dense_forward` returned."""
+    weights, from the output's gradient and what :func:`_dense_forward` returned.
+
+    ``packed``: an uninitialized (B, T, 2 C + h) tensor in x's dtype (and all of ``input_dtypes``) into whose
+    consecutive slices the gradients of q, k and v are written (:class:`_DenseAftPacked`); they are returned as
+    views of it."""
     num_heads, batch, group, num_tokens = x.shape
     head_dim = group - 1
+    channels = num_heads * head_dim
     with _autocast_off(grad.device.type):
         grad = grad.reshape(batch, num_tokens, num_heads, head_dim)
         gate = gate.reshape(batch, num_tokens, num_heads, head_dim)
         den = y[:, :, head_dim:]  # (h, B, 1, T), positive (positive_weights)
         ratio = y[:, :, :head_dim]  # (h, B, d, T): numerator / denominator, divided in place by the forward
-        grad_q = grad * ratio.permute(1, 3, 0, 2)
+        grad_q = torch.mul(grad, ratio.permute(1, 3, 0, 2),
+                           out=None if packed is None else packed[..., :channels].view(grad.shape))
         torch.ops.aten.sigmoid_backward(grad_q, gate, grad_input=grad_q)  # in place: one buffer fewer
         grad_y = torch.empty_like(x)  # d loss / d (numerator, denominator), laid out as x
         num_grad = grad_y[:, :, :head_dim]
@@ -166,8 +177,14 @@ def _dense_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: 
         grad_x = _product(grad_y, weights.to(x.dtype).transpose(1, 2), shared)
         grad_weights = _weights_grad(x, grad_y, shared).to(weights.dtype) if weights_grad else None
         # x = [exp(k) v, exp(k)]: d/dk sums grad_x * x over the head's d + 1 channels
-        grad_k = _sum_of_products(grad_x, x, shared).permute(1, 2, 0)  # (B, T, h)
-        grad_v = (grad_x[:, :, :head_dim] * x[:, :, head_dim:]).permute(1, 3, 0, 2)
+        if packed is None:
+            grad_k = _sum_of_products(grad_x, x, shared).permute(1, 2, 0)  # (B, T, h)
+            grad_v = (grad_x[:, :, :head_dim] * x[:, :, head_dim:]).permute(1, 3, 0, 2)
+        else:
+            grad_k = packed[..., channels:channels + num_heads]
+            _sum_of_products(grad_x, x, shared, out=grad_k.permute(2, 0, 1))
+            grad_v = packed[..., channels + num_heads:].view(grad.shape)
+            torch.mul(grad_x[:, :, :head_dim], x[:, :, head_dim:], out=grad_v.permute(2, 0, 3, 1))
     q_dtype, k_dtype, v_dtype = input_dtypes
     return (grad_q.reshape(batch, num_tokens, -1).to(q_dtype), grad_k.to(k_dtype),
             grad_v.reshape(batch, num_tokens, -1).to(v_dtype), grad_weights)
@@ -188,6 +205,51 @@ class _DenseAft(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, y, gate, weights = ctx.saved_tensors
         return _dense_backward(grad, x, y, gate, weights, ctx.needs_input_grad[3], ctx.input_dtypes)
+
+
+class _DenseAftPacked(torch.autograd.Function):
+    """:class:`_DenseAft` for q, k, v that are consecutive slices of one (B, T, 2 C + h) projection (a mixer's fused
+    ``qkv``), taking that projection and returning its gradient as one tensor.
+
+    Why: autograd's backward of the split allocates the projection's gradient and copies the three gradients into
+    it; here they are written there directly. In AFT-full small's training step at batch 32 the split's backward was
+    a (B, T, 3 C) allocation and copy a block, and such fresh allocations cost page faults (benchmarks/README.md)."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, weights: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+        q, k, v = qkv.split(sizes, dim=-1)
+        out, x, y, gate = _dense_forward(q, k, v, weights)
+        ctx.save_for_backward(x, y, gate, weights)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, y, gate, weights = ctx.saved_tensors
+        num_heads, batch, group, num_tokens = x.shape
+        packed = x.new_empty(batch, num_tokens, 2 * num_heads * (group - 1) + num_heads)
+        grad_weights = _dense_backward(grad, x, y, gate, weights, ctx.needs_input_grad[1], (x.dtype,) * 3,
+                                       packed=packed)[3]
+        return packed, grad_weights, None
+
+
+def _packed_projection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+    """The (B, T, 2 C + h) tensor of which q, k, v are consecutive last-dimension slices, in order, if they are (a
+    mixer's split of its fused ``qkv`` output) and in the product's own dtype (float32 or float64), else None."""
+    base = q._base
+    if base is None or k._base is not base or v._base is not base or not base.is_contiguous():
+        return None
+    if q.dtype not in (torch.float32, torch.float64) or not q.dtype == k.dtype == v.dtype:
+        return None
+    batch, num_tokens, channels = q.shape
+    width = 2 * channels + k.shape[-1]
+    if base.numel() != batch * num_tokens * width:
+        return None
+    strides = (num_tokens * width, width, 1)
+    start = base.storage_offset()
+    if (q.stride() != strides or k.stride() != strides or v.stride() != strides or q.storage_offset() != start
+            or k.storage_offset() != start + channels or v.storage_offset() != start + channels + k.shape[-1]):
+        return None
+    return base.view(batch, num_tokens, width)
 
 
 # Under torch.compile the same forward and backward run as two opaque operators, so that compiled training gets
@@ -362,6 +424,9 @@ def _dense_no_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: t
 
 @torch.jit.unused
 def _dense_function(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    qkv = _packed_projection(q, k, v)
+    if qkv is not None:
+        return _DenseAftPacked.apply(qkv, weights, [q.shape[-1], k.shape[-1], v.shape[-1]])
     return _DenseAft.apply(q, k, v, weights)
 
 
