@@ -75,18 +75,19 @@ def _product(x: torch.Tensor, weights: torch.Tensor, shared: bool) -> torch.Tens
     return torch.bmm(x.reshape(num_heads, -1, num_tokens), weights).view(x.shape)
 
 
-def _stacked_product(x: torch.Tensor, exp_k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
+def _stacked_product(x: torch.Tensor, exp_k: Optional[torch.Tensor], v: torch.Tensor, weights: torch.Tensor,
                      shared: bool) -> torch.Tensor:
     """Write ``[exp_k * v, exp_k]`` into ``x`` (laid out as :func:`_empty_stack`) and return its product with the
     weights, numerator divided by denominator in place: the ratio in ``[:, :, :d]``, the denominator after it.
 
-    ``exp_k`` (B, T, h) is already exponentiated: exp in place and a copy into ``x``, as torch.exp into the strided
-    slice took 2x as long (AFT-full small, batch 32). ``v`` (B, T, C).
+    ``exp_k`` (B, T, h) is already exponentiated and is copied into ``x``; None where the caller has written it
+    there (:func:`_dense_forward`). ``v`` (B, T, C).
     """
     num_heads, batch, group, num_tokens = x.shape
     head_dim = group - 1
     stacked_k = x[:, :, head_dim:]  # (h, B, 1, T)
-    stacked_k.copy_(exp_k.permute(2, 0, 1).unsqueeze(2))
+    if exp_k is not None:
+        stacked_k.copy_(exp_k.permute(2, 0, 1).unsqueeze(2))
     torch.mul(stacked_k, v.reshape(batch, num_tokens, num_heads, head_dim).permute(2, 0, 3, 1), out=x[:, :, :head_dim])
     y = _product(x, weights, shared)
     y[:, :, :head_dim].div_(y[:, :, head_dim:])
@@ -134,8 +135,12 @@ def _dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: t
     with _autocast_off(q.device.type):
         shared = weights.shape[0] != num_heads
         x = _empty_stack(batch, num_tokens, num_heads, head_dim, shared, dtype, v.device)
-        shifted_k = k.to(dtype) - k.detach().amax(dim=1, keepdim=True).to(dtype)  # (B, T, h), a new tensor
-        y = _stacked_product(x, shifted_k.exp_(), v, weights.to(dtype), shared)
+        # exp(k - max) written into x's key slot: no (B, T, h) temporary, whose fresh pages cost more than the
+        # strided passes (AFT-full small's training step at batch 32, benchmarks/README.md)
+        keys = x[:, :, head_dim:].permute(1, 3, 0, 2)  # (B, T, h, 1)
+        torch.sub(k.to(dtype).unsqueeze(3), k.detach().amax(dim=1, keepdim=True).to(dtype).unsqueeze(3), out=keys)
+        keys.exp_()
+        y = _stacked_product(x, None, v, weights.to(dtype), shared)
         ratio = y[:, :, :head_dim]
         gate = torch.sigmoid(q)
         out = torch.empty(batch, num_tokens, num_heads, head_dim, dtype=v.dtype, device=v.device)
