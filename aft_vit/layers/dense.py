@@ -9,17 +9,16 @@ already in exp space (``exp(w - shift)``, nonnegative)::
 AFT-conv has h heads and d = C / h; AFT-full is the case h = C, d = 1, with one ``W`` shared by every
 channel (``W.shape[0] == 1``). K's maximum over tokens is subtracted before ``exp`` (it cancels).
 
-Numerator and denominator inputs are stacked as ``x``, seen as (h, B, d + 1, T), so that the whole sum is
-one matrix product per head, (B (d + 1), T) @ (T, T), efficient even at batch 1; with a shared ``W``
-(stored token-first, :func:`_empty_stack`) it is one batched product over B, (T, T) @ (T, (d + 1) h), with
-``W`` broadcast. Training uses a hand-written backward
-(:class:`_DenseAft`; under torch.compile the operators ``aft_vit::dense_forward`` / ``dense_backward``): two
-more products and a few elementwise passes, instead of autograd's graph of a dozen ops. Where q, k, v are the
-slices of a mixer's fused projection, :class:`_DenseAftPacked` writes their gradients into one tensor, the
-projection's. Computed in float32 at
-least (float64 stays float64): bfloat16 exp-weights would lose the bias' precision, and on CPUs without AMX a
-float32 product is as fast. The output has ``v``'s dtype. Without autograd the batch is mixed in chunks
-(:func:`aft_dense_in_chunks`), so that few large temporaries are allocated; the mixers let it overwrite their own k.
+Numerator and denominator inputs are stacked as ``x``, seen as (h, B, d + 1, T), so that the whole sum is one matrix
+product per head, (B (d + 1), T) @ (T, T), efficient even at batch 1; with a shared ``W`` (stored token-first,
+:func:`_empty_stack`) it is one batched product over B, (T, T) @ (T, (d + 1) h), with ``W`` broadcast. Training uses
+a hand-written backward (:class:`_DenseAft`; under torch.compile the operators ``aft_vit::dense_forward`` /
+``dense_backward``): two more products and a few elementwise passes, instead of autograd's graph of a dozen ops.
+Where q, k, v are the slices of a mixer's fused projection, :class:`_DenseAftPacked` writes their gradients into one
+tensor, the projection's. Computed in float32 at least (float64 stays float64): bfloat16 exp-weights would lose the
+bias' precision, and on CPUs without AMX a float32 product is as fast. The output has ``v``'s dtype. Without
+autograd the batch is mixed in chunks (:func:`aft_dense_in_chunks`), so that few large temporaries are allocated;
+the mixers let it overwrite their own k.
 """
 import contextlib
 from typing import ContextManager, List, Optional, Tuple
