@@ -242,7 +242,7 @@ def _packed_projection(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Opt
     base = q._base
     if base is None or k._base is not base or v._base is not base or not base.is_contiguous():
         return None
-    if q.dtype not in (torch.float32, torch.float64) or not q.dtype == k.dtype == v.dtype:
+    if not _in_product_dtype(q, k, v):
         return None
     batch, num_tokens, channels = q.shape
     width = 2 * channels + k.shape[-1]
@@ -313,8 +313,12 @@ def can_overwrite(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def overwritable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """:func:`can_overwrite` for callers that already know nothing traces or compiles the call (the mixers, which
     reuse what they derive only then): the checks on the tensors alone, without the tracer queries."""
-    if records_gradients(q, k, v):
-        return False
+    return not records_gradients(q, k, v) and _in_product_dtype(q, k, v)
+
+
+def _in_product_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether q, k, v are all in the dtype the product computes in (float32 or float64), so that its results can be
+    written into them or beside them without rounding."""
     return q.dtype in (torch.float32, torch.float64) and q.dtype == k.dtype == v.dtype
 
 
