@@ -5,16 +5,17 @@ inside the s x s window (r = s // 2), ``exp(-c)`` outside. So the rows of keys y
 spans need one (s W, W) matrix per head for every y, and the rows farther away add ``exp(-c)`` times their sums.
 With the stacked inputs ``[exp(k) v, exp(k)]`` (as in :mod:`.dense`) padded by r zero rows above and below, the keys
 of query row y are s W consecutive values, copied out once per query row (each value s times), with the sum of the
-far rows as one more column: then one product per head, (W, s W + 1) @ (s W + 1, B (d + 1) H), gives numerator and
+far rows as one more column: then one product per head, (B (d + 1) H, s W + 1) @ (s W + 1, W), gives numerator and
 denominator. Every term is a nonnegative weight times a nonnegative input, as in the dense product: exact for keys
 and biases of any magnitude.
 
-Why: the dense product reads (h, T, T) weights, 4.8 MB a block for aft_conv_tiny at 224 px (T = 196), 58 MB a
-forward, which at small batches pass through the cache at every forward and evict the linear layers' weights. The
-banded weights are (h, W, s W + 1), 0.27 MB a block, and the product has a better shape for BLAS (its rows are the W
-query columns). Its price is the copy of each input s times, which grows with the batch: :func:`band_is_cheaper`
-compares the values each path moves. Inference only (no backward): the mixers call it while their kernel is
-unchanged and nothing records gradients (:mod:`.reuse`), on channel-major inputs.
+Why: the dense product reads (h, T, T) weights, 4.8 MB a block for aft_conv_tiny at 224 px (T = 196), 58 MB a forward,
+which at small batches pass through the cache at every forward and evict the linear layers' weights. The banded weights
+are (h, W, s W + 1), 0.27 MB a block, and the product has a better shape for BLAS (the W query columns are its last dim,
+as in the output, so the ratio and the gate that follow move contiguous rows). Its price is the copy of each input s
+times, which grows with the batch: :func:`band_is_cheaper` compares the values each path moves. Inference only (no
+backward): the mixers call it while their kernel is unchanged and nothing records gradients (:mod:`.reuse`), on
+channel-major inputs.
 """
 import torch
 
@@ -104,7 +105,9 @@ def aft_conv2d_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: 
         weights = weights.to(dtype)
     with _autocast_off(q.device.type):
         # stacked inputs [exp(k - max) v, exp(k - max)], (h, B, d + 1, H + 2r, W), r zero rows above and below
-        stacked = torch.zeros(num_heads, batch, group, padded, width, dtype=dtype, device=v.device)
+        stacked = torch.empty(num_heads, batch, group, padded, width, dtype=dtype, device=v.device)
+        stacked.narrow(3, 0, radius).zero_()
+        stacked.narrow(3, radius + height, radius).zero_()
         grid = stacked.narrow(3, radius, height)
         exp_k = grid.select(2, head_dim)  # (h, B, H, W)
         exp_k.copy_(k)
@@ -120,11 +123,13 @@ def aft_conv2d_band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: 
                                     grid.storage_offset())
         far = torch.mm(grid_rows, _far_tokens(height, width, radius, dtype, v.device))
         windows.select(4, columns - 1).copy_(far.view(num_heads, batch, group, height))
-        sums = torch.bmm(weights, windows.view(num_heads, -1, columns).transpose(1, 2))
-        sums = sums.view(num_heads, width, batch, group, height)
-        ratio = sums.narrow(3, 0, head_dim).div_(sums.narrow(3, head_dim, 1))  # (h, W, B, d, H)
+        # windows as the left factor: the sums come out (h, B, d + 1, H, W), W last as in q and the output, so the
+        # ratio and the gate run over contiguous rows (at batch 1 the output's order exactly)
+        sums = torch.bmm(windows.view(num_heads, -1, columns), weights.transpose(1, 2))
+        sums = sums.view(num_heads, batch, group, height, width)
+        ratio = sums.narrow(2, 0, head_dim).div_(sums.narrow(2, head_dim, 1))  # (h, B, d, H, W)
         out = torch.empty(num_heads, head_dim, batch, height, width, dtype=q.dtype, device=q.device)
         torch.sigmoid(q.reshape(out.shape), out=out)
-        out.mul_(ratio.permute(0, 3, 2, 4, 1))
+        out.mul_(ratio.transpose(1, 2))
     out = out.view(channels, batch, height, width)
     return out if out.dtype == v.dtype else out.to(v.dtype)
