@@ -139,6 +139,33 @@ def test_frozen_weights_with_input_gradients_reuse_the_cache():
     torch.testing.assert_close(x.grad, expected, rtol=1e-6, atol=1e-7)
 
 
+def test_compiled_training_with_a_frozen_kernel_gets_the_projections_gradients():
+    """A frozen kernel with trained projections, compiled: the gradients reach qkv and proj as in eager code (the
+    operator that serves a frozen kernel in compiled inference has no backward, so it must not be called here)."""
+    mixer, x = _mixer(), torch.randn(2, 30, 16)
+    for p in mixer._kernel_params():
+        p.requires_grad_(False)
+    mixer.train()
+    mixer(x, GRID).square().sum().backward()
+    expected = [mixer.qkv.weight.grad.clone(), mixer.proj.weight.grad.clone()]
+    mixer.zero_grad()
+    torch.compile(mixer, fullgraph=True)(x, GRID).square().sum().backward()
+    for got, want in zip([mixer.qkv.weight.grad, mixer.proj.weight.grad], expected):
+        assert got is not None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_reusing_operator_refuses_to_backpropagate():
+    """Called with inputs that record gradients, the compiled-inference operator says it has no backward instead
+    of passing none."""
+    mixer = _mixer()
+    q, k, v = torch.randn(2, *GRID, 16 * 2 + 4, requires_grad=True).split([16, 4, 16], dim=-1)
+    frozen = [p.detach() for p in mixer._kernel_params()]
+    out = torch.ops.aft_vit.conv2d_reusing_kernel(q, k, v, *frozen, mixer.eps)
+    with pytest.raises(RuntimeError, match='no backward'):
+        out.sum().backward()
+
+
 def test_the_window_index_is_built_once_per_grid():
     functional._cached_window_index.cache_clear()
     weight = torch.randn(4, 5, 5, requires_grad=True)

@@ -397,8 +397,12 @@ class AftConv(AftMixer, name='conv'):
     @torch.jit.unused
     def _mix_reusing_kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """:func:`aft_conv2d` with the effective kernel, and the dense weights of each grid, built once
-        (:func:`aft_conv2d_reusing_kernel`; under torch.compile through its operator)."""
+        (:func:`aft_conv2d_reusing_kernel`; under torch.compile through its operator, which has no backward: a
+        compiled graph whose q, k, v record gradients, a frozen kernel with trained projections, derives the weights
+        in the graph instead, through :func:`aft_conv2d`'s differentiable path)."""
         if torch.compiler.is_compiling():
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                return aft_conv2d(q, k, v, self.position_kernel())
             return torch.ops.aft_vit.conv2d_reusing_kernel(q, k, v, *self._kernel_params(), self.eps)
         return aft_conv2d_reusing_kernel(q, k, v, *self._kernel_params(), self.eps,
                                          may_overwrite=lambda: self._may_overwrite(q, k, v))

@@ -83,8 +83,9 @@ def aft_conv2d_channel_major(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 # The two operators compiled inference calls, defined on a Library rather than by ``torch.library.custom_op``, whose
 # wrappers made a call cost ~40 us more than calling the same Python directly, against 15 to 25 us (warm loops over
 # aft_conv_tiny's batch-1 mixing on an Intel Xeon, scratch script: 355 to 365 us through custom_op, 321 to 332 through
-# the Library, 297 to 322 direct; a forward makes 12 calls). They never record gradients (the mixers call them only
-# while the kernel gets none), so no autograd formula is registered.
+# the Library, 297 to 322 direct; a forward makes 12 calls). They serve only calls that record no gradient (compiled
+# inference; the mixers derive the weights in the graph otherwise), and their registered backward raises: a Library
+# operator without one would pass no gradient, silently.
 _LIBRARY = torch.library.Library('aft_vit', 'FRAGMENT')
 _REUSE_SCHEMA = '(Tensor q, Tensor k, Tensor v, Tensor kernel, Tensor gamma, Tensor beta, float eps) -> Tensor'
 
@@ -107,11 +108,19 @@ def _reuse_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: torch
     return q.new_empty(q.shape, dtype=v.dtype)
 
 
+def _no_backward(ctx, grad: torch.Tensor):
+    raise RuntimeError('aft_vit: the operators that reuse a kernel\'s derived weights have no backward; the mixers '
+                       'call them only while nothing records gradients. Call aft_vit.layers.aft_conv2d for a '
+                       'differentiable product.')
+
+
 def _define_operator(name: str, kernel: Callable[..., torch.Tensor]) -> None:
-    """``aft_vit::<name>`` with the reuse schema, ``kernel`` for every device and the shared fake."""
+    """``aft_vit::<name>`` with the reuse schema, ``kernel`` for every device, the shared fake, and a backward that
+    says it has none (silently no gradient otherwise)."""
     _LIBRARY.define(name + _REUSE_SCHEMA)
     _LIBRARY.impl(name, kernel, 'CompositeExplicitAutograd')
     torch.library.register_fake(f'aft_vit::{name}', _reuse_fake, lib=_LIBRARY)
+    torch.library.register_autograd(f'aft_vit::{name}', _no_backward, lib=_LIBRARY)
 
 
 _define_operator('conv2d_reusing_kernel', _conv2d_reusing_kernel_op)
