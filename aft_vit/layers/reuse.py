@@ -6,7 +6,8 @@ does not trace, and a graph break at every block measured slower than rebuilding
 compiled inference calls the same Python as one opaque operator, ``torch.ops.aft_vit.conv2d_reusing_kernel`` (or
 ``conv2d_channel_major``): the compiler knows its output's shape, and the operator, run eagerly, finds the cache
 through the parameter objects it is given (:func:`~aft_vit.layers.cache.derived_cache`), the same objects on every
-call.
+call. The operators have no backward: compiled training with a frozen kernel and trained projections derives the
+weights in the graph (``AftConv._mix_reusing_kernel``).
 
 Inference without autograd on grids where the products are cheaper than the convolution takes
 :func:`aft_conv2d_channel_major`, on the rows of the mixer's channel-major projection; everything else (training
