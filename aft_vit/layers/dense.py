@@ -181,14 +181,11 @@ def _dense_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor, gate: 
         grad_x = _product(grad_y, weights.to(x.dtype).transpose(1, 2), shared)
         grad_weights = _weights_grad(x, grad_y, shared).to(weights.dtype) if weights_grad else None
         # x = [exp(k) v, exp(k)]: d/dk sums grad_x * x over the head's d + 1 channels
-        if packed is None:
-            grad_k = _sum_of_products(grad_x, x, shared).permute(1, 2, 0)  # (B, T, h)
-            grad_v = (grad_x[:, :, :head_dim] * x[:, :, head_dim:]).permute(1, 3, 0, 2)
-        else:
-            grad_k = packed[..., channels:channels + num_heads]
-            _sum_of_products(grad_x, x, shared, out=grad_k.permute(2, 0, 1))
-            grad_v = packed[..., channels + num_heads:].view(grad.shape)
-            torch.mul(grad_x[:, :, :head_dim], x[:, :, head_dim:], out=grad_v.permute(2, 0, 3, 1))
+        grad_k = _sum_of_products(grad_x, x, shared, out=None if packed is None else
+                                  packed[..., channels:channels + num_heads].permute(2, 0, 1)).permute(1, 2, 0)
+        grad_v = torch.mul(grad_x[:, :, :head_dim], x[:, :, head_dim:], out=None if packed is None else
+                           packed[..., channels + num_heads:].view(grad.shape).permute(2, 0, 3, 1))
+        grad_v = grad_v.permute(1, 3, 0, 2)  # (B, T, h, d)
     q_dtype, k_dtype, v_dtype = input_dtypes
     return (grad_q.reshape(batch, num_tokens, -1).to(q_dtype), grad_k.to(k_dtype),
             grad_v.reshape(batch, num_tokens, -1).to(v_dtype), grad_weights)
