@@ -11,15 +11,16 @@ product and the float64 reference before anything is timed. Rounds interleave De
 shipped and aft_conv_tiny with the prototype swapped in, in a rotating order; medians over the rounds.
 """
 import argparse
+import hashlib
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import torch
 
-from aft_vit.machine import machine_description
+from aft_vit.machine import _cpu_flags, machine_description
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import markdown_table, update_readme  # noqa: E402
@@ -30,16 +31,18 @@ LANES = 16  # the prototype's padded query row (fused_band.cpp, kLanes)
 def build_prototype() -> Callable[..., torch.Tensor]:
     """Compile fused_band.cpp and return ``band(q, k, v, weights)`` with aft_conv2d_band's arguments."""
     from torch.utils.cpp_extension import load
-    module = load('aft_vit_fused_band', [str(Path(__file__).with_name('fused_band.cpp'))],
+    # -march=native: one build per instruction set, so that a cache shared between machines never serves another's
+    flags = hashlib.sha1(' '.join(sorted(_cpu_flags())).encode()).hexdigest()[:10]
+    module = load(f'aft_vit_fused_band_{flags}', [str(Path(__file__).with_name('fused_band.cpp'))],
                   extra_cflags=['-O3', '-march=native', '-ffast-math', '-fopenmp'], extra_ldflags=['-fopenmp'])
-    padded: Dict[int, torch.Tensor] = {}  # per band-weights tensor (the mixers keep theirs): transposed, padded
+    # per band-weights tensor (the mixers keep theirs), held with it so that its id is not reused: transposed, padded
+    padded: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def band(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        columns = padded.get(id(weights))
-        if columns is None:
+        if id(weights) not in padded:
             columns = torch.nn.functional.pad(weights.transpose(1, 2), (0, LANES - weights.shape[1])).contiguous()
-            padded[id(weights)] = columns
-        return module.band_fused(q.contiguous(), k.contiguous(), v.contiguous(), columns)
+            padded[id(weights)] = (weights, columns)
+        return module.band_fused(q.contiguous(), k.contiguous(), v.contiguous(), padded[id(weights)][1])
     return band
 
 
