@@ -6,8 +6,9 @@ prototype, benchmarks/fused_band.cpp) against the package's pure-PyTorch path an
 The package is pure Python (timm's way); at batch 1 aft_conv_tiny's mixing is ~20 small tensor operations a block,
 whose passes over memory cost more than its arithmetic. This measures how much of the gap to DeiT a fused loop closes,
 for the decision whether to ship one. Needs a C++ compiler and ninja (torch.utils.cpp_extension builds the prototype
-with -march=native, under ~/.cache/torch_extensions). The prototype's output is checked against the package's banded
-product and the float64 reference before anything is timed. Rounds interleave DeiT-tiny (twice), aft_conv_tiny as
+with -march=native, under ~/.cache/torch_extensions). Before anything is timed, the prototype's output is checked
+against the package's banded product in float64 (tested against tests/reference.py in tests/test_band.py) and the
+model's against the shipped model's. Rounds interleave DeiT-tiny (twice), aft_conv_tiny as
 shipped and aft_conv_tiny with the prototype swapped in, in a rotating order; medians over the rounds.
 """
 import argparse
