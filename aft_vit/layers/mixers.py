@@ -18,7 +18,7 @@ from .cache import derived_cache
 from .functional import (
     CACHED_WEIGHTS_LIMIT, aft_conv2d, aft_full, aft_full_dense, aft_simple, cached_local_window_mask_2d,
     dense_is_cheaper, full_bias_weights, is_exporting, local_window_mask_2d, reparameterized_kernel)
-from .dense import aft_dense_in_chunks, overwritable
+from .dense import aft_dense_in_chunks, overwritable, records_gradients
 from .reuse import aft_conv2d_channel_major, aft_conv2d_reusing_kernel
 
 __all__ = ['AftMixer', 'AftFull', 'AftLocal', 'AftSimple', 'AftConv', 'MixerArgs', 'MIXERS', 'get_mixer']
@@ -401,7 +401,7 @@ class AftConv(AftMixer, name='conv'):
         compiled graph whose q, k, v record gradients, a frozen kernel with trained projections, derives the weights
         in the graph instead, through :func:`aft_conv2d`'s differentiable path)."""
         if torch.compiler.is_compiling():
-            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            if records_gradients(q, k, v):
                 return aft_conv2d(q, k, v, self.position_kernel())
             return torch.ops.aft_vit.conv2d_reusing_kernel(q, k, v, *self._kernel_params(), self.eps)
         return aft_conv2d_reusing_kernel(q, k, v, *self._kernel_params(), self.eps,
